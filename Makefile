@@ -1,0 +1,43 @@
+# The project's entry points. `make demo` and `make test` set everything up on first use.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo replay test test-fast lint stack-up stack-down bench-engine
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+## The main job on the local stack: servers, Dagster (UI + daemon), the simulated upload stream.
+demo: setup
+	scripts/demo simulate $(ARGS)
+
+## The same pipeline fed with the real New York check-ins in ../shared/data.
+replay: setup
+	scripts/demo replay $(ARGS)
+
+## Start the stack, lint, run every test against the real servers, stop what was started.
+test: setup
+	scripts/run-tests
+
+## Everything but the soak tests marked slow.
+test-fast: setup
+	scripts/run-tests -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+stack-up: setup
+	scripts/stack up
+
+stack-down:
+	scripts/stack down
+
+bench-engine: setup
+	$(PY) bench/engine_bench.py

@@ -1,0 +1,1314 @@
+#!/usr/bin/env python3
+"""Start, check and stop SnapMap's local stack: real servers, on 127.0.0.1 only.
+
+Services, in the order they are listed everywhere:
+
+    kafka     Apache Kafka 3.9, one KRaft broker+controller (jars from Maven Central)
+    azurite   Azurite's Blob service (npm), the Azure Blob Storage emulator
+    postgres  PostgreSQL for Dagster's run, event and schedule storage
+    mongo     the MongoDB-compatible server that localstack/mongo/ installs
+
+Usage:
+
+    python localstack/stack.py up [--only NAMES | --without NAMES]
+    python localstack/stack.py down | status | wipe [--all]    (same selection options)
+    python localstack/stack.py start NAME... | stop NAME...
+    python localstack/stack.py logs [NAME] [-n LINES] [-f]
+    python localstack/stack.py env          # export lines; eval "$(... env)"
+
+`up` installs what is missing on first use (Maven, npm, the mongo install script), starts
+every selected server detached and waits, with a time limit, until each one answers a
+real request. Data, logs and pid files live under <project>/.stack, or $SNAPMAP_STACK_DIR.
+`down` and `stop` keep the data; `wipe` deletes it (and `wipe --all` the installs too).
+Ports can be moved with SNAPMAP_KAFKA_PORT, SNAPMAP_KAFKA_CONTROLLER_PORT,
+SNAPMAP_AZURITE_PORT, SNAPMAP_POSTGRES_PORT and SNAPMAP_MONGO_PORT.
+
+Standard library only, so that it runs before the project's virtualenv exists. When the
+Python Kafka client or pymongo can be imported, the readiness checks use them; otherwise
+they use Kafka's own Java tools and a TCP connect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import fcntl
+import hashlib
+import http.client
+import os
+import pwd
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+HOST = "127.0.0.1"
+PROJECT = Path(__file__).resolve().parent.parent
+LOCALSTACK = PROJECT / "localstack"
+
+MONGODB_DATABASE = "snapmap"
+POSTGRES_USER = "postgres"
+POSTGRES_DATABASE = "dagster"
+
+# Azurite's built-in development account. Its key is published in Microsoft's Azurite
+# documentation and is accepted only by the emulator, so it is no secret; it reaches the
+# code only through the AZURE_STORAGE_CONNECTION_STRING that `env` exports.
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+# (name, partitions) of the topics the pipeline uses; auto-creation is off on the broker.
+KAFKA_TOPICS = (("photo-uploads", 3), ("photo-uploads.dlq", 1), ("event-updates", 3))
+
+INSTALL_TIMEOUT = 900.0  # a cold Maven or npm download on a slow mirror
+MONGO_INSTALL_TIMEOUT = 1800.0  # the mongo install script may build from source
+STOP_TIMEOUT = 30.0  # Kafka's controlled shutdown takes a few seconds
+LOCK_TIMEOUT = 1800.0  # another `up` may be doing a cold install
+POLL_INTERVAL = 0.5
+
+# The `postgres` system user runs PostgreSQL when this script runs as root, because
+# initdb and postgres refuse to run as root (a server bug must not own the machine).
+POSTGRES_SYSTEM_USER = "postgres"
+
+# Files of this name mark a folder as ours, so that `wipe` never deletes anything else.
+STACK_MARKER = ".snapmap-stack"
+
+
+class StackError(Exception):
+    """A failure to report to the user as one line, without a traceback."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Where the stack lives and which ports it uses, read once from the environment."""
+
+    root: Path
+    kafka_port: int
+    kafka_controller_port: int
+    azurite_port: int
+    postgres_port: int
+    mongo_port: int
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> Config:
+        root = Path(env.get("SNAPMAP_STACK_DIR") or PROJECT / ".stack").expanduser()
+        return cls(
+            root=root.resolve(),
+            kafka_port=_port(env, "SNAPMAP_KAFKA_PORT", 39092),
+            kafka_controller_port=_port(env, "SNAPMAP_KAFKA_CONTROLLER_PORT", 39093),
+            azurite_port=_port(env, "SNAPMAP_AZURITE_PORT", 30000),
+            postgres_port=_port(env, "SNAPMAP_POSTGRES_PORT", 35432),
+            mongo_port=_port(env, "SNAPMAP_MONGO_PORT", 37017),
+        )
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def lib_dir(self) -> Path:
+        """Installed software (jars, node_modules): kept by `wipe`, removed by `wipe --all`."""
+        return self.root / "lib"
+
+    def connection_env(self) -> dict[str, str]:
+        """The settings that the pipeline and its tests read, by variable name."""
+        blob = f"http://{HOST}:{self.azurite_port}/{AZURITE_ACCOUNT}"
+        return {
+            "KAFKA_BOOTSTRAP_SERVERS": f"{HOST}:{self.kafka_port}",
+            "MONGODB_URI": f"mongodb://{HOST}:{self.mongo_port}/",
+            "MONGODB_DATABASE": MONGODB_DATABASE,
+            "AZURE_STORAGE_CONNECTION_STRING": (
+                f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
+                f"AccountKey={AZURITE_KEY};BlobEndpoint={blob};"
+            ),
+            "DAGSTER_POSTGRES_URL": (
+                f"postgresql://{POSTGRES_USER}@{HOST}:{self.postgres_port}/{POSTGRES_DATABASE}"
+            ),
+        }
+
+
+def _port(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise StackError(f"{name}={raw!r} is not a TCP port number")
+    return int(raw)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def say(line: str) -> None:
+    """Print one line in one write: services start in threads and must not interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def port_open(port: int, timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections on HOST:port."""
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def file_digest(*paths: Path) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def last_line(path: Path) -> str:
+    """The last non-blank line of a log, for a one-line error message."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if line.strip():
+            return line.strip()[:200]
+    return ""
+
+
+def run_logged(argv: list[str], log: Path, timeout: float, what: str, **kwargs) -> None:
+    """Run an install or setup step to completion, its output appended to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        out.write(f"\n$ {shlex.join(argv)}\n".encode())
+        out.flush()
+        try:
+            result = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
+                **kwargs,
+            )
+        except subprocess.TimeoutExpired:
+            raise StackError(f"{what} took longer than {timeout:.0f}s; see {log}") from None
+        except OSError as exc:
+            raise StackError(f"{what} could not start: {exc}") from None
+    if result.returncode != 0:
+        raise StackError(f"{what} failed ({last_line(log)}); see {log}")
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name, or None if there is no such process."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    raise StackError("cannot read the boot time from /proc/stat")
+
+
+def reap(pid: int) -> None:
+    """Collect the exit status of a child of this process, so it does not linger."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def user_kwargs(user: str | None) -> dict:
+    """subprocess arguments that run a program as `user` with only that user's group."""
+    if not user:
+        return {}
+    entry = pwd.getpwnam(user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
+def local_http_get(url: str, timeout: float) -> http.client.HTTPResponse:
+    """GET without any proxy from the environment: the stack is only ever on loopback."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    return opener.open(url, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- services
+
+
+@dataclass
+class Launch:
+    """How to start one server in the foreground (this script detaches it)."""
+
+    argv: list[str]
+    cwd: Path
+    user: str | None = None  # run as this system user (only when we are root)
+
+
+class Service:
+    """One server of the stack. Subclasses fill in install, preparation and health."""
+
+    name = ""
+    start_timeout = 60.0
+    stop_signal = signal.SIGTERM
+    # Signal the server's whole process group, so that a launcher script that did not
+    # `exec` its server does not leave the server behind.
+    signal_group = True
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    @property
+    def ports(self) -> list[int]:
+        raise NotImplementedError
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.ports[0]}"
+
+    @property
+    def data_paths(self) -> list[Path]:
+        """What `wipe` deletes for this service."""
+        raise NotImplementedError
+
+    @property
+    def pid_file(self) -> Path:
+        return self.cfg.run_dir / f"{self.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.cfg.log_dir / f"{self.name}.log"
+
+    @property
+    def install_log(self) -> Path:
+        return self.cfg.log_dir / f"install-{self.name}.log"
+
+    def check_tools(self) -> None:
+        """Raise StackError naming the first missing tool."""
+
+    def install(self) -> None:
+        """Install the server if it is not installed; fast when it is."""
+
+    def prepare(self) -> None:
+        """One-time initialisation of the data folder, and config written for this start."""
+
+    def launch(self) -> Launch:
+        raise NotImplementedError
+
+    def is_ready(self) -> bool:
+        """Whether the server answers a real request now (quick, never raises)."""
+        raise NotImplementedError
+
+    def after_start(self) -> str:
+        """Idempotent setup once the server is ready; returns a note for the user."""
+        return ""
+
+    def running_pid(self) -> int | None:
+        """The pid from our pid file if that process is still the one we started."""
+        try:
+            pid = int(self.pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        reap(pid)
+        fields = proc_stat(pid)
+        if fields is None or fields[0] in ("Z", "X"):
+            return None
+        # We start every server as the leader of its own session and write the pid file
+        # right after it started; a recycled pid or a stale file fails one of the two.
+        session = int(fields[3])
+        started = boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        written = self.pid_file.stat().st_mtime
+        if session != pid or not written - 60 <= started <= written + 2:
+            return None
+        return pid
+
+
+def java_binary() -> str:
+    """The JDK's java: $JAVA_HOME's when set (as Kafka's own scripts do), else PATH's."""
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and (Path(java_home) / "bin" / "java").is_file():
+        return str(Path(java_home) / "bin" / "java")
+    found = shutil.which("java")
+    if not found:
+        raise StackError("kafka: no `java` on PATH (install a JDK 17, e.g. openjdk-17-jdk)")
+    return found
+
+
+def kafka_python_client():
+    """The confluent_kafka module when it can be imported, else None."""
+    try:
+        import confluent_kafka  # optional: the project's virtualenv has it
+    except ImportError:
+        return None
+    return confluent_kafka
+
+
+class Kafka(Service):
+    name = "kafka"
+    start_timeout = 90.0
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.cfg.kafka_port, self.cfg.kafka_controller_port]
+
+    @property
+    def home(self) -> Path:
+        return self.cfg.root / "kafka"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def jars(self) -> Path:
+        return self.cfg.lib_dir / "kafka"
+
+    @property
+    def data_paths(self) -> list[Path]:
+        return [self.home]
+
+    @property
+    def pom(self) -> Path:
+        return LOCALSTACK / "kafka" / "pom.xml"
+
+    def check_tools(self) -> None:
+        java_binary()
+        if not self._installed() and not shutil.which("mvn"):
+            raise StackError("kafka: no `mvn` on PATH to fetch the Kafka jars (install maven)")
+
+    def _installed(self) -> bool:
+        stamp = self.jars / ".pom-sha256"
+        return stamp.is_file() and stamp.read_text().strip() == file_digest(self.pom)
+
+    def install(self) -> None:
+        if self._installed():
+            return
+        say("kafka: resolving the Kafka jars with Maven (first run only)")
+        staging = self.jars.with_name("kafka.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        # Maven's own cache (~/.m2) makes a second install fast; the jars are copied to one
+        # folder of ours so that the classpath is simply `folder/*`.
+        run_logged(
+            [
+                "mvn",
+                "-B",
+                "-q",
+                "-Dstyle.color=never",
+                "-f",
+                str(self.pom),
+                "dependency:copy-dependencies",
+                f"-DoutputDirectory={staging}",
+            ],
+            self.install_log,
+            INSTALL_TIMEOUT,
+            "kafka: Maven download of the Kafka jars",
+        )
+        if not any(staging.glob("kafka_2.13-*.jar")):
+            raise StackError(f"kafka: Maven produced no kafka_2.13 jar; see {self.install_log}")
+        (staging / ".pom-sha256").write_text(file_digest(self.pom) + "\n")
+        shutil.rmtree(self.jars, ignore_errors=True)
+        staging.rename(self.jars)
+
+    def _java(self, main: str, *args: str, heap: str = "256m") -> list[str]:
+        return [
+            java_binary(),
+            f"-Xmx{heap}",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j.configuration=file:{self.home / 'tools-log4j.properties'}",
+            "-cp",
+            f"{self.jars}/*",
+            main,
+            *args,
+        ]
+
+    def prepare(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cfg = self.cfg
+        # Written on every start so that port overrides take effect; the data folder does
+        # not record listener addresses, so moving ports keeps the data.
+        server = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@{HOST}:{cfg.kafka_controller_port}",
+            "listeners": (
+                f"PLAINTEXT://{HOST}:{cfg.kafka_port},CONTROLLER://{HOST}:"
+                f"{cfg.kafka_controller_port}"
+            ),
+            "advertised.listeners": f"PLAINTEXT://{HOST}:{cfg.kafka_port}",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "controller.listener.names": "CONTROLLER",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(self.data_dir),
+            "num.partitions": "1",
+            "default.replication.factor": "1",
+            "min.insync.replicas": "1",
+            # One broker: the internal topics cannot have more than one replica.
+            "offsets.topic.replication.factor": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            # Topics are created by this script with their partition counts; a typo in a
+            # topic name must fail rather than create a new topic.
+            "auto.create.topics.enable": "false",
+            # No other consumer will join within the default 3 s, so don't wait for one.
+            "group.initial.rebalance.delay.ms": "0",
+        }
+        lines = [f"{key}={value}" for key, value in server.items()]
+        (self.home / "server.properties").write_text("\n".join(lines) + "\n")
+        quiet = ("kafka.request.logger", "state.change.logger")
+        (self.home / "log4j.properties").write_text(_log4j_config("INFO", "System.out", quiet))
+        (self.home / "tools-log4j.properties").write_text(_log4j_config("WARN", "System.err"))
+        (self.home / "admin.properties").write_text(
+            "request.timeout.ms=5000\ndefault.api.timeout.ms=10000\n"
+        )
+
+        if not (self.data_dir / "meta.properties").is_file():
+            run_logged(
+                self._java(
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "--ignore-formatted",
+                    "--cluster-id",
+                    _new_cluster_id(),
+                    "--config",
+                    str(self.home / "server.properties"),
+                ),
+                self.log_file,
+                120.0,
+                "kafka: formatting the KRaft storage",
+            )
+
+    def launch(self) -> Launch:
+        argv = [
+            java_binary(),
+            "-Xms128m",
+            "-Xmx512m",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-XX:+ExitOnOutOfMemoryError",
+            "-Djava.awt.headless=true",
+            # Plain IPv4 sockets: listeners then show as 127.0.0.1, not as mapped IPv6.
+            "-Djava.net.preferIPv4Stack=true",
+            f"-Dlog4j.configuration=file:{self.home / 'log4j.properties'}",
+            "-cp",
+            f"{self.jars}/*",
+            "kafka.Kafka",
+            str(self.home / "server.properties"),
+        ]
+        return Launch(argv=argv, cwd=self.home)
+
+    def is_ready(self) -> bool:
+        if not port_open(self.cfg.kafka_port):
+            return False
+        try:
+            self.list_topics()
+        except StackError:
+            return False
+        return True
+
+    def list_topics(self) -> set[str]:
+        """Topic names from a metadata request to the broker."""
+        client = kafka_python_client()
+        if client is not None:
+            from confluent_kafka.admin import AdminClient
+
+            try:
+                metadata = self._admin(AdminClient).list_topics(timeout=5)
+            except client.KafkaException as exc:
+                raise StackError(f"kafka: metadata request failed: {exc}") from None
+            if not metadata.brokers:
+                raise StackError("kafka: metadata names no broker yet")
+            return set(metadata.topics)
+        out = self._topic_command("--list")
+        return {line.strip() for line in out.splitlines() if line.strip()}
+
+    def _admin(self, admin_class):
+        # log_level 0: connection-refused chatter during startup is not news; failures are
+        # reported through the exceptions and time limits instead.
+        return admin_class(
+            {"bootstrap.servers": self.address, "log_level": 0, "socket.timeout.ms": 5000}
+        )
+
+    def _topic_command(self, *args: str) -> str:
+        argv = self._java(
+            "org.apache.kafka.tools.TopicCommand",
+            "--bootstrap-server",
+            self.address,
+            "--command-config",
+            str(self.home / "admin.properties"),
+            *args,
+        )
+        try:
+            result = subprocess.run(
+                argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+            )
+        except subprocess.TimeoutExpired:
+            raise StackError(f"kafka: topic tool timed out: {' '.join(args)}") from None
+        if result.returncode != 0:
+            detail = (result.stderr.strip().splitlines() or ["no output"])[-1][:200]
+            raise StackError(f"kafka: topic tool failed ({detail})")
+        return result.stdout
+
+    def after_start(self) -> str:
+        existing = self.list_topics()
+        missing = [(name, n) for name, n in KAFKA_TOPICS if name not in existing]
+        if not missing:
+            return ""
+        client = kafka_python_client()
+        if client is None:
+            for name, partitions in missing:
+                self._topic_command(
+                    "--create",
+                    "--if-not-exists",
+                    "--topic",
+                    name,
+                    "--partitions",
+                    str(partitions),
+                    "--replication-factor",
+                    "1",
+                )
+        else:
+            self._create_topics(client, missing)
+        return "created topics " + ", ".join(name for name, _ in missing)
+
+    def _create_topics(self, client, topics: list[tuple[str, int]]) -> None:
+        from confluent_kafka.admin import AdminClient, NewTopic
+
+        admin = self._admin(AdminClient)  # must outlive the futures it hands out
+        new = [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics]
+        for name, future in admin.create_topics(new, request_timeout=15).items():
+            try:
+                future.result(timeout=30)
+            except client.KafkaException as exc:
+                # Another `up` may have created it in between: that is the wanted state.
+                if exc.args[0].code() != client.KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise StackError(f"kafka: cannot create topic {name}: {exc}") from None
+
+
+def _log4j_config(level: str, target: str, quiet: tuple[str, ...] = ()) -> str:
+    lines = [
+        f"log4j.rootLogger={level}, out",
+        "log4j.appender.out=org.apache.log4j.ConsoleAppender",
+        f"log4j.appender.out.Target={target}",
+        "log4j.appender.out.layout=org.apache.log4j.PatternLayout",
+        "log4j.appender.out.layout.ConversionPattern=[%d] %p %m (%c)%n",
+    ]
+    lines += [f"log4j.logger.{name}=WARN" for name in quiet]
+    return "\n".join(lines) + "\n"
+
+
+def _new_cluster_id() -> str:
+    """A Kafka cluster id: a random UUID in URL-safe base64 without padding."""
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not text.startswith("-"):  # Kafka avoids these: they read as a CLI option
+            return text
+
+
+class Azurite(Service):
+    name = "azurite"
+    start_timeout = 30.0
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.cfg.azurite_port]
+
+    @property
+    def package_dir(self) -> Path:
+        return LOCALSTACK / "azurite"
+
+    @property
+    def install_dir(self) -> Path:
+        return self.cfg.lib_dir / "azurite"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.cfg.root / "azurite"
+
+    @property
+    def data_paths(self) -> list[Path]:
+        return [self.data_dir]
+
+    @property
+    def entry_point(self) -> Path:
+        return self.install_dir / "node_modules" / ".bin" / "azurite-blob"
+
+    def _lock_digest(self) -> str:
+        package = self.package_dir
+        return file_digest(package / "package.json", package / "package-lock.json")
+
+    def _installed(self) -> bool:
+        stamp = self.install_dir / ".lock-sha256"
+        return (
+            self.entry_point.exists()
+            and stamp.is_file()
+            and stamp.read_text().strip() == self._lock_digest()
+        )
+
+    def check_tools(self) -> None:
+        if not shutil.which("node"):
+            raise StackError("azurite: no `node` on PATH (install Node.js 20 or newer)")
+        if not self._installed() and not shutil.which("npm"):
+            raise StackError("azurite: no `npm` on PATH to install Azurite (install npm)")
+
+    def install(self) -> None:
+        if self._installed():
+            return
+        say("azurite: installing Azurite with npm ci (first run only)")
+        shutil.rmtree(self.install_dir, ignore_errors=True)
+        self.install_dir.mkdir(parents=True)
+        # npm ci installs next to package.json; a copy keeps node_modules out of the tree.
+        for name in ("package.json", "package-lock.json"):
+            shutil.copy2(self.package_dir / name, self.install_dir / name)
+        run_logged(
+            ["npm", "ci", "--omit=dev", "--no-audit", "--no-fund"],
+            self.install_log,
+            INSTALL_TIMEOUT,
+            "azurite: npm install of Azurite",
+            cwd=self.install_dir,
+        )
+        (self.install_dir / ".lock-sha256").write_text(self._lock_digest() + "\n")
+
+    def prepare(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+
+    def launch(self) -> Launch:
+        argv = [
+            shutil.which("node") or "node",
+            str(self.entry_point),
+            "--blobHost",
+            HOST,
+            "--blobPort",
+            str(self.cfg.azurite_port),
+            "--location",
+            str(self.data_dir),
+            "--disableTelemetry",
+            # Newer SDKs send API versions that a pinned Azurite does not know yet.
+            "--skipApiVersionCheck",
+            "--loose",
+        ]
+        return Launch(argv=argv, cwd=self.data_dir)
+
+    def is_ready(self) -> bool:
+        url = f"http://{self.address}/{AZURITE_ACCOUNT}?comp=list"
+        try:
+            with local_http_get(url, timeout=2) as response:
+                server = response.headers.get("Server", "")
+        except urllib.error.HTTPError as exc:  # unauthenticated: 403 from Azurite is fine
+            server = exc.headers.get("Server", "")
+        except OSError:
+            return False
+        return server.startswith("Azurite")
+
+
+class Postgres(Service):
+    name = "postgres"
+    start_timeout = 60.0
+    # SIGTERM is PostgreSQL's "smart" shutdown, which waits for every client (a Dagster
+    # daemon) to disconnect; SIGINT is the "fast" one: clients are cut, data is kept.
+    stop_signal = signal.SIGINT
+    signal_group = False  # the postmaster stops its own children in order
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.cfg.postgres_port]
+
+    @property
+    def data_dir(self) -> Path:
+        return self.cfg.root / "postgres"
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.cfg.run_dir / "postgres"
+
+    @property
+    def data_paths(self) -> list[Path]:
+        return [self.data_dir]
+
+    def _system_user(self) -> str | None:
+        return POSTGRES_SYSTEM_USER if os.geteuid() == 0 else None
+
+    def bin_dir(self) -> Path | None:
+        """The PostgreSQL programs: those matching an existing data folder, else the newest."""
+        candidates = sorted(
+            Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+            key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+        )
+        version_file = self.data_dir / "PG_VERSION"
+        if version_file.is_file():
+            wanted = Path("/usr/lib/postgresql") / version_file.read_text().strip() / "bin"
+            if (wanted / "postgres").is_file():
+                return wanted
+            raise StackError(
+                f"postgres: {self.data_dir} was made by PostgreSQL "
+                f"{version_file.read_text().strip()}, which is not installed; install it "
+                "or `wipe --only postgres`"
+            )
+        if candidates:
+            return candidates[-1].parent
+        found = shutil.which("initdb")
+        return Path(found).resolve().parent if found else None
+
+    def check_tools(self) -> None:
+        installed = self.bin_dir() is not None
+        root = self._system_user() is not None
+        if not installed and not (root and shutil.which("apt-get")):
+            raise StackError(
+                "postgres: no initdb in /usr/lib/postgresql/*/bin or on PATH; install the "
+                "Debian package postgresql (`up` does so itself when run as root)"
+            )
+        if not root:
+            return
+        if installed:
+            try:
+                pwd.getpwnam(POSTGRES_SYSTEM_USER)
+            except KeyError:
+                raise StackError(
+                    "postgres: as root it runs as the `postgres` system user, which is "
+                    "missing (the Debian package postgresql creates it)"
+                ) from None
+        self._check_reachable_by_system_user()
+
+    def _check_reachable_by_system_user(self) -> None:
+        # The server runs as `postgres`, so every folder above its data must let others in.
+        for folder in [self.cfg.root, *self.cfg.root.parents]:
+            if folder.exists() and not folder.stat().st_mode & 0o001:
+                raise StackError(
+                    f"postgres: the `postgres` user cannot enter {folder}; chmod o+x it or "
+                    "set SNAPMAP_STACK_DIR to a folder it can reach"
+                )
+
+    def install(self) -> None:
+        if self.bin_dir() is not None:
+            return
+        # Only reached as root (check_tools stops a normal user): the local stack is meant
+        # to install what it needs on a fresh machine.
+        say("postgres: installing the Debian package postgresql (first run only)")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-q", "postgresql"]
+        try:
+            run_logged(install, self.install_log, INSTALL_TIMEOUT, "postgres: apt-get", env=env)
+        except StackError:
+            # A fresh machine may not have package lists yet.
+            run_logged(
+                ["apt-get", "update", "-q"],
+                self.install_log,
+                INSTALL_TIMEOUT,
+                "postgres: apt-get update",
+                env=env,
+            )
+            run_logged(install, self.install_log, INSTALL_TIMEOUT, "postgres: apt-get", env=env)
+        if self.bin_dir() is None:
+            raise StackError(f"postgres: no initdb even after apt-get; see {self.install_log}")
+
+    def _own(self, path: Path) -> None:
+        user = self._system_user()
+        if user:
+            shutil.chown(path, user=user, group=pwd.getpwnam(user).pw_gid)
+
+    def prepare(self) -> None:
+        bin_dir = self.bin_dir()
+        for folder in (self.data_dir, self.socket_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(0o700)
+            self._own(folder)
+        if (self.data_dir / "PG_VERSION").is_file():
+            return
+        # trust: only clients on this machine can reach 127.0.0.1 and the socket, which
+        # sits in a folder only the server's user can enter.
+        run_logged(
+            [
+                str(bin_dir / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                POSTGRES_USER,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+            ],
+            self.log_file,
+            120.0,
+            "postgres: initdb",
+            cwd=self.data_dir,
+            **user_kwargs(self._system_user()),
+        )
+
+    def launch(self) -> Launch:
+        socket_path = self.socket_dir / f".s.PGSQL.{self.cfg.postgres_port}"
+        # A Unix socket path is limited to 107 bytes; a deep stack folder gets TCP only.
+        socket_dirs = str(self.socket_dir) if len(str(socket_path)) < 100 else ""
+        argv = [
+            str(self.bin_dir() / "postgres"),
+            "-D",
+            str(self.data_dir),
+            "-c",
+            f"listen_addresses={HOST}",
+            "-c",
+            f"port={self.cfg.postgres_port}",
+            "-c",
+            f"unix_socket_directories={socket_dirs}",
+            "-c",
+            "logging_collector=off",
+        ]
+        return Launch(argv=argv, cwd=self.data_dir, user=self._system_user())
+
+    def psql(self, sql: str, database: str = "postgres") -> str:
+        bin_dir = self.bin_dir()
+        argv = [
+            str(bin_dir / "psql"),
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "-h",
+            HOST,
+            "-p",
+            str(self.cfg.postgres_port),
+            "-U",
+            POSTGRES_USER,
+            "-d",
+            database,
+            "-c",
+            sql,
+        ]
+        env = {**os.environ, "PGCONNECT_TIMEOUT": "3"}
+        try:
+            result = subprocess.run(
+                argv, capture_output=True, text=True, timeout=15, env=env, stdin=subprocess.DEVNULL
+            )
+        except subprocess.TimeoutExpired:
+            raise StackError("postgres: psql timed out") from None
+        if result.returncode != 0:
+            raise StackError(f"postgres: psql failed: {result.stderr.strip()[:200]}")
+        return result.stdout.strip()
+
+    def is_ready(self) -> bool:
+        if not port_open(self.cfg.postgres_port):
+            return False
+        try:
+            return self.psql("select 1") == "1"
+        except StackError:
+            return False
+
+    def after_start(self) -> str:
+        exists = self.psql(f"select 1 from pg_database where datname = '{POSTGRES_DATABASE}'")
+        if exists == "1":
+            return ""
+        self.psql(f"create database {POSTGRES_DATABASE}")
+        return f"created database {POSTGRES_DATABASE}"
+
+
+class Mongo(Service):
+    """The MongoDB-compatible server, built and run by the scripts in localstack/mongo/.
+
+    Their contract: `install.sh BUILD_DIR` is idempotent and exits non-zero with a one-line
+    error; `run.sh BUILD_DIR HOST PORT DATA_DIR` runs the server in the foreground.
+    """
+
+    name = "mongo"
+    start_timeout = 60.0
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.cfg.mongo_port]
+
+    @property
+    def scripts(self) -> Path:
+        return LOCALSTACK / "mongo"
+
+    @property
+    def build_dir(self) -> Path:
+        return self.cfg.root / "mongo-build"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.cfg.root / "mongo"
+
+    @property
+    def data_paths(self) -> list[Path]:
+        return [self.data_dir]
+
+    def check_tools(self) -> None:
+        for script in ("install.sh", "run.sh"):
+            if not (self.scripts / script).is_file():
+                raise StackError(
+                    f"mongo: localstack/mongo/{script} is missing, so the MongoDB-compatible "
+                    "server is not available (use --without mongo)"
+                )
+
+    def install(self) -> None:
+        self.build_dir.mkdir(parents=True, exist_ok=True)
+        run_logged(
+            ["bash", str(self.scripts / "install.sh"), str(self.build_dir)],
+            self.install_log,
+            MONGO_INSTALL_TIMEOUT,
+            "mongo: localstack/mongo/install.sh",
+        )
+
+    def prepare(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+
+    def launch(self) -> Launch:
+        argv = [
+            "bash",
+            str(self.scripts / "run.sh"),
+            str(self.build_dir),
+            HOST,
+            str(self.cfg.mongo_port),
+            str(self.data_dir),
+        ]
+        return Launch(argv=argv, cwd=self.data_dir)
+
+    def is_ready(self) -> bool:
+        if not port_open(self.cfg.mongo_port):
+            return False
+        try:
+            import pymongo  # optional: the project's virtualenv has it
+        except ImportError:
+            return True
+        uri = self.cfg.connection_env()["MONGODB_URI"]
+        client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=2000, connectTimeoutMS=2000)
+        try:
+            client.admin.command("ping")
+            return True
+        except pymongo.errors.PyMongoError:
+            return False
+        finally:
+            client.close()
+
+
+SERVICE_CLASSES = (Kafka, Azurite, Postgres, Mongo)
+SERVICE_NAMES = tuple(cls.name for cls in SERVICE_CLASSES)
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def prepare_root(cfg: Config) -> None:
+    """Create the stack folder, refusing to adopt a non-empty folder that is not ours."""
+    marker = cfg.root / STACK_MARKER
+    if cfg.root.exists() and not marker.exists() and any(cfg.root.iterdir()):
+        raise StackError(f"{cfg.root} is not empty and is not a stack folder; pick another")
+    for folder in (cfg.root, cfg.run_dir, cfg.log_dir, cfg.lib_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+
+
+class StackLock:
+    """One stack command at a time per stack folder (parallel test sessions call `up`)."""
+
+    def __init__(self, cfg: Config):
+        self.path = cfg.root / "stack.lock"
+        self.handle = None
+
+    def __enter__(self) -> StackLock:
+        self.handle = self.path.open("a")
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StackError(f"another stack command still holds {self.path}") from None
+                time.sleep(POLL_INTERVAL)
+
+    def __exit__(self, *exc_info) -> None:
+        self.handle.close()
+
+
+def start_service(svc: Service) -> str:
+    """Bring one service up (or confirm it is up); returns the line to print."""
+    began = time.monotonic()
+    pid = svc.running_pid()
+    if pid is not None:
+        wait_ready(svc, None, pid)
+        note = svc.after_start()
+        return f"{svc.name}: up (pid {pid}) on {svc.address}" + (f"; {note}" if note else "")
+
+    svc.install()
+    svc.prepare()
+    spec = svc.launch()
+    svc.log_file.parent.mkdir(parents=True, exist_ok=True)
+    with svc.log_file.open("ab") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(spec.argv)}\n".encode())
+        log.flush()
+        # A session of its own: the server outlives this script and a Ctrl-C in the shell
+        # that ran `up` does not reach it; `down` signals it by pid.
+        proc = subprocess.Popen(
+            spec.argv,
+            cwd=spec.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **user_kwargs(spec.user),
+        )
+    svc.pid_file.write_text(f"{proc.pid}\n")
+    try:
+        wait_ready(svc, proc, proc.pid)
+        note = svc.after_start()
+    except StackError:
+        stop_pids([(svc, proc.pid)])
+        raise
+    took = time.monotonic() - began
+    line = f"{svc.name}: started (pid {proc.pid}) on {svc.address} in {took:.1f}s"
+    return line + (f"; {note}" if note else "")
+
+
+def wait_ready(svc: Service, proc: subprocess.Popen | None, pid: int) -> None:
+    deadline = time.monotonic() + svc.start_timeout
+    while not svc.is_ready():
+        exited = proc.poll() is not None if proc else svc.running_pid() != pid
+        if exited:
+            detail = last_line(svc.log_file)
+            raise StackError(f"{svc.name}: exited while starting ({detail}); see {svc.log_file}")
+        if time.monotonic() > deadline:
+            raise StackError(
+                f"{svc.name}: not ready after {svc.start_timeout:.0f}s; see {svc.log_file}"
+            )
+        time.sleep(POLL_INTERVAL)
+
+
+def stop_pids(targets: list[tuple[Service, int]]) -> None:
+    """Stop the given servers: their stop signal, then SIGKILL after STOP_TIMEOUT."""
+    for svc, pid in targets:
+        try:
+            if svc.signal_group:
+                os.killpg(pid, svc.stop_signal)  # pid is also the group id: setsid at start
+            else:
+                os.kill(pid, svc.stop_signal)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + STOP_TIMEOUT
+    pending = list(targets)
+    while pending and time.monotonic() < deadline:
+        time.sleep(0.2)
+        pending = [(svc, pid) for svc, pid in pending if svc.running_pid() == pid]
+    for svc, pid in pending:
+        say(f"{svc.name}: did not stop within {STOP_TIMEOUT:.0f}s; killing it")
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    kill_deadline = time.monotonic() + 5
+    while pending and time.monotonic() < kill_deadline:
+        time.sleep(0.1)
+        pending = [(svc, pid) for svc, pid in pending if svc.running_pid() == pid]
+    for svc, _ in targets:
+        svc.pid_file.unlink(missing_ok=True)
+
+
+def cmd_up(cfg: Config, services: list[Service]) -> int:
+    prepare_root(cfg)
+    with StackLock(cfg):
+        # Preflight everything before downloading anything: a missing tool or a taken port
+        # is reported in one line before any time is spent.
+        for svc in services:
+            if svc.running_pid() is not None:
+                continue
+            svc.check_tools()
+            for port in svc.ports:
+                if port_open(port):
+                    raise StackError(
+                        f"{svc.name}: port {HOST}:{port} is taken by a process this stack "
+                        "did not start (see `ss -ltnp`)"
+                    )
+
+        failures = []
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(services)) as pool:
+            futures = [pool.submit(start_service, svc) for svc in services]
+            for future in futures:
+                try:
+                    say(future.result())
+                except StackError as exc:
+                    failures.append(str(exc))
+    for failure in failures:
+        print(f"stack: error: {failure}", file=sys.stderr, flush=True)
+    if failures:
+        return 1
+    print(format_env(cfg), flush=True)
+    return 0
+
+
+def cmd_down(cfg: Config, services: list[Service]) -> int:
+    if not cfg.run_dir.is_dir():
+        print("stack: nothing is running (no stack folder yet)")
+        return 0
+    with StackLock(cfg):
+        pids = {svc.name: svc.running_pid() for svc in services}
+        stop_pids([(svc, pids[svc.name]) for svc in services if pids[svc.name] is not None])
+    for svc in services:
+        svc.pid_file.unlink(missing_ok=True)  # also a stale one, left by a crash
+        pid = pids[svc.name]
+        print(f"{svc.name}: stopped (pid {pid})" if pid else f"{svc.name}: not running")
+    return 0
+
+
+def cmd_status(cfg: Config, services: list[Service]) -> int:
+    all_up = True
+    for svc in services:
+        pid = svc.running_pid()
+        if pid is not None and svc.is_ready():
+            state = "up"
+        elif pid is not None:
+            state, all_up = "starting", False
+        else:
+            taken = any(port_open(port) for port in svc.ports)
+            state, all_up = ("down (port taken by another process)" if taken else "down"), False
+        shown_pid = f"pid {pid}" if pid is not None else "-"
+        print(f"{svc.name:<9} {state:<9} {shown_pid:<11} {svc.address}")
+    return 0 if all_up else 1
+
+
+def format_env(cfg: Config) -> str:
+    return "\n".join(
+        f"export {name}={shlex.quote(value)}" for name, value in cfg.connection_env().items()
+    )
+
+
+def cmd_wipe(cfg: Config, services: list[Service], everything: bool) -> int:
+    if not cfg.root.exists():
+        return 0
+    if not (cfg.root / STACK_MARKER).exists():
+        raise StackError(f"{cfg.root} has no {STACK_MARKER} file; not deleting anything in it")
+    cmd_down(cfg, services)
+    if everything:
+        shutil.rmtree(cfg.root)
+        print(f"stack: deleted {cfg.root}")
+        return 0
+    for svc in services:
+        for path in svc.data_paths:
+            shutil.rmtree(path, ignore_errors=True)
+        svc.log_file.unlink(missing_ok=True)
+        print(f"{svc.name}: data deleted")
+    return 0
+
+
+def cmd_logs(cfg: Config, name: str | None, lines: int, follow: bool) -> int:
+    if name is None:
+        logs = sorted(cfg.log_dir.glob("*.log")) if cfg.log_dir.is_dir() else []
+        if not logs:
+            raise StackError(f"no logs in {cfg.log_dir} yet")
+    else:
+        logs = [cfg.log_dir / f"{name}.log"]
+        if not logs[0].is_file():
+            raise StackError(f"{name}: no log at {logs[0]} yet")
+    if follow:
+        # Runs until the user stops it with Ctrl-C, which is what following a log means.
+        return subprocess.run(["tail", "-n", str(lines), "-F", *map(str, logs)]).returncode
+    for log in logs:
+        if len(logs) > 1:
+            print(f"==> {log} <==")
+        print("\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
+    return 0
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SERVICE_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown service {', '.join(unknown)} (services: {', '.join(SERVICE_NAMES)})"
+        )
+    return names
+
+
+def select(cfg: Config, args: argparse.Namespace) -> list[Service]:
+    names = list(SERVICE_NAMES)
+    if getattr(args, "names", None):
+        names = [name for name in SERVICE_NAMES if name in args.names]
+    if getattr(args, "only", None):
+        names = [name for name in names if name in args.only]
+    if getattr(args, "without", None):
+        names = [name for name in names if name not in args.without]
+    if not names:
+        raise StackError("no service selected")
+    return [cls(cfg) for cls in SERVICE_CLASSES if cls.name in names]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stack", description="SnapMap's local stack of servers on 127.0.0.1."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def selectable(name: str, text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=text)
+        group = sub.add_mutually_exclusive_group()
+        group.add_argument(
+            "--only", type=parse_names, metavar="NAMES", help="comma-separated services to act on"
+        )
+        group.add_argument(
+            "--without",
+            type=parse_names,
+            metavar="NAMES",
+            help="comma-separated services to leave alone",
+        )
+        return sub
+
+    selectable("up", "install if needed, start and wait until every server answers")
+    selectable("down", "stop the servers this stack started; data is kept")
+    selectable("status", "one line per server; exit 1 unless all are up")
+    wipe = selectable("wipe", "stop the servers and delete their data")
+    wipe.add_argument("--all", action="store_true", help="delete the installs too")
+    for name, text in (("start", "start these servers"), ("stop", "stop these servers")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("names", nargs="+", choices=SERVICE_NAMES, metavar="NAME")
+    logs = commands.add_parser("logs", help="print (or follow) a server's log")
+    logs.add_argument("name", nargs="?", choices=SERVICE_NAMES, metavar="NAME")
+    logs.add_argument("-n", "--lines", type=int, default=50)
+    logs.add_argument("-f", "--follow", action="store_true")
+    commands.add_parser("env", help="print export lines with the connection settings")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = Config.from_env(dict(os.environ))
+        if args.command == "env":
+            print(format_env(cfg))
+            return 0
+        if args.command == "logs":
+            return cmd_logs(cfg, args.name, args.lines, args.follow)
+        services = select(cfg, args)
+        if args.command in ("up", "start"):
+            return cmd_up(cfg, services)
+        if args.command in ("down", "stop"):
+            return cmd_down(cfg, services)
+        if args.command == "status":
+            return cmd_status(cfg, services)
+        if args.command == "wipe":
+            if args.all and len(services) != len(SERVICE_NAMES):
+                raise StackError("wipe --all deletes the whole stack; drop --only/--without")
+            return cmd_wipe(cfg, services, args.all)
+    except StackError as exc:
+        print(f"stack: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

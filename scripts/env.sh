@@ -1,0 +1,23 @@
+# Sourced by the Makefile's targets: the local stack's connection settings, then the pipeline's
+# optional settings with their defaults (kept when already set, e.g. to point at production).
+# Dagster's EnvVar needs every wired variable to exist; an empty value means "not used".
+_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+_py="$_root/.venv/bin/python"
+[ -x "$_py" ] || _py=python3
+if [ -z "${SNAPMAP_PRODUCTION:-}" ]; then
+  eval "$("$_py" "$_root/localstack/stack.py" env)"
+fi
+export SNAPMAP_CONSUMER_GROUP="${SNAPMAP_CONSUMER_GROUP:-snapmap-pipeline}"
+export KAFKA_SECURITY_PROTOCOL="${KAFKA_SECURITY_PROTOCOL:-PLAINTEXT}"
+export KAFKA_SASL_MECHANISM="${KAFKA_SASL_MECHANISM:-}"
+export KAFKA_SASL_USERNAME="${KAFKA_SASL_USERNAME:-}"
+export KAFKA_SASL_PASSWORD="${KAFKA_SASL_PASSWORD:-}"
+export KAFKA_SSL_CA_LOCATION="${KAFKA_SSL_CA_LOCATION:-}"
+export MONGODB_DATABASE="${MONGODB_DATABASE:-snapmap}"
+# A single local server has no replica set to acknowledge "majority".
+export MONGODB_WRITE_CONCERN="${MONGODB_WRITE_CONCERN:-1}"
+export AZURE_STORAGE_CONNECTION_STRING="${AZURE_STORAGE_CONNECTION_STRING:-}"
+export AZURE_STORAGE_ACCOUNT_URL="${AZURE_STORAGE_ACCOUNT_URL:-}"
+export AZURE_STORAGE_SAS="${AZURE_STORAGE_SAS:-}"
+export DAGSTER_HOME="${DAGSTER_HOME:-$_root/.dagster_home}"
+unset _root _py

@@ -1,0 +1,166 @@
+"""Validation of ``photo-uploads`` messages against the contract.
+
+The structural contract is the JSON Schema next to this module. What a schema cannot say is
+checked here: the byte limit, strict UTF-8 and JSON (no NaN, no duplicate keys), the time rules
+and the storageUrl rules. Every rejection carries a stable ``code`` (for dead-letter headers and
+metrics) and a one-line ``reason`` a person can act on.
+
+Timestamp policy (cases.md #31, #34): RFC 3339 only, with ``T`` and ``Z`` or an offset
+(``+hh:mm`` or ``+hhmm``, at most 14 h). Naive times, a space separator, epoch numbers and leap
+seconds are rejected. Fractions are cut to whole milliseconds, the precision MongoDB stores, so
+that streaming and reclustering from storage see the same instant. A photo taken before
+2000-01-01 or more than one day after the message's own Kafka timestamp is rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
+
+from snapmap_pipeline.contract.storage_url import StorageUrlError, StorageUrlPolicy
+
+MAX_MESSAGE_BYTES = 64 * 1024
+EARLIEST_TAKEN_AT = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_FUTURE_SKEW = timedelta(days=1)
+MAX_UTC_OFFSET = timedelta(hours=14)
+
+_TIMESTAMP = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
+    r"(Z|([+-])(\d{2}):?(\d{2}))$"
+)
+KNOWN_FIELDS = ("photoId", "timestamp", "location", "storageUrl")
+
+
+class InvalidUpload(ValueError):
+    """A message that breaks the contract. ``code`` is stable; ``reason`` is for people."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class PhotoUpload:
+    """A valid upload message. ``taken_at`` is aware UTC with millisecond precision."""
+
+    photo_id: str
+    taken_at: datetime
+    lon: float
+    lat: float
+    storage_url: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@cache
+def schema() -> dict[str, Any]:
+    text = resources.files(__package__).joinpath("photo-upload.schema.json").read_text("utf-8")
+    return json.loads(text)
+
+
+@cache
+def _validator() -> Draft202012Validator:
+    return Draft202012Validator(schema())
+
+
+def _reject_constant(name: str) -> float:
+    raise InvalidUpload("not_json", f"JSON constant {name} is not allowed")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise InvalidUpload("duplicate_key", f"key {key[:40]!r} appears more than once")
+        result[key] = value
+    return result
+
+
+def parse_timestamp(text: str, reference: datetime | None = None) -> datetime:
+    """Parse an RFC 3339 timestamp to aware UTC, cut to milliseconds, within the time guards.
+
+    ``reference`` is the message's own time (its Kafka timestamp); photos more than a day after
+    it are rejected. Without one, only the lower bound applies.
+    """
+    match = _TIMESTAMP.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise InvalidUpload(
+            "bad_timestamp",
+            "timestamp must be RFC 3339 like 2026-01-17T13:20:00Z or with a UTC offset",
+        )
+    year, month, day, hour, minute, second, fraction, zone, sign, off_h, off_m = match.groups()
+    micros = int((fraction or "0")[:6].ljust(6, "0"))
+    micros -= micros % 1000
+    try:
+        offset = timedelta(0)
+        if zone != "Z":
+            offset = timedelta(hours=int(off_h), minutes=int(off_m))
+            if int(off_m) >= 60 or offset > MAX_UTC_OFFSET:
+                raise ValueError(f"UTC offset {zone} out of range")
+            offset = -offset if sign == "-" else offset
+        local = datetime(
+            int(year), int(month), int(day), int(hour), int(minute), int(second), micros
+        )
+    except ValueError as error:
+        raise InvalidUpload("bad_timestamp", f"timestamp {text[:40]!r}: {error}") from None
+    taken_at = (local - offset).replace(tzinfo=UTC)
+
+    if taken_at < EARLIEST_TAKEN_AT:
+        raise InvalidUpload("timestamp_out_of_range", f"timestamp {text} is before 2000-01-01")
+    if reference is not None and taken_at > reference + MAX_FUTURE_SKEW:
+        raise InvalidUpload(
+            "timestamp_out_of_range",
+            f"timestamp {text} is more than a day after the message was published",
+        )
+    return taken_at
+
+
+def validate_upload(
+    raw: bytes | None,
+    policy: StorageUrlPolicy,
+    published_at: datetime | None = None,
+) -> PhotoUpload:
+    """Turn the raw bytes of one message into a ``PhotoUpload`` or raise ``InvalidUpload``."""
+    if raw is None or len(raw) == 0:
+        raise InvalidUpload("empty", "message has no value")
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise InvalidUpload("too_large", f"message is {len(raw)} bytes; the limit is 65536")
+    try:
+        text = raw.decode("utf-8", errors="strict")
+    except UnicodeDecodeError as error:
+        raise InvalidUpload("not_utf8", f"invalid UTF-8 at byte {error.start}") from None
+    try:
+        document = json.loads(
+            text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant
+        )
+    except json.JSONDecodeError as error:
+        raise InvalidUpload("not_json", f"not JSON: {error.msg} at char {error.pos}") from None
+    if not isinstance(document, dict):
+        raise InvalidUpload("not_object", f"message is a JSON {type(document).__name__}")
+
+    error = best_match(_validator().iter_errors(document))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "message"
+        raise InvalidUpload("schema", f"{where}: {_short(error.message)}")
+
+    taken_at = parse_timestamp(document["timestamp"], published_at)
+    try:
+        policy.parse(document["storageUrl"])
+    except StorageUrlError as bad_url:
+        raise InvalidUpload("bad_storage_url", str(bad_url)) from None
+
+    lon, lat = (float(v) for v in document["location"])
+    extra = {k: v for k, v in document.items() if k not in KNOWN_FIELDS}
+    return PhotoUpload(document["photoId"], taken_at, lon, lat, document["storageUrl"], extra)
+
+
+def _short(message: str, limit: int = 160) -> str:
+    return message if len(message) <= limit else message[: limit - 3] + "..."

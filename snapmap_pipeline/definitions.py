@@ -1,0 +1,75 @@
+"""The one code location: assets, jobs, the Kafka sensor, the sweeper and its schedule.
+
+Every secret and address comes from the environment through ``EnvVar`` at run time; nothing is
+read from the environment at import.
+"""
+
+from __future__ import annotations
+
+from dagster import AssetSelection, Definitions, EnvVar, define_asset_job
+
+from snapmap_pipeline.assets.backfill import daily_events, recluster_days_job
+from snapmap_pipeline.assets.events import (
+    consumer_offsets,
+    event_updates,
+    events,
+    photo_event_links,
+)
+from snapmap_pipeline.assets.ingest import photo_uploads
+from snapmap_pipeline.checks import SWEEPER_CHECKS, sweeper_job, sweeper_schedule
+from snapmap_pipeline.jobs import INGEST_JOB_NAME
+from snapmap_pipeline.resources.blob import BlobStorageResource
+from snapmap_pipeline.resources.kafka import KafkaResource
+from snapmap_pipeline.resources.mongo import MongoResource
+from snapmap_pipeline.sensors.kafka_sensor import photo_uploads_sensor
+from snapmap_pipeline.settings import PipelineSettings
+
+STREAMING_ASSETS = [photo_uploads, events, photo_event_links, event_updates, consumer_offsets]
+
+ingest_job = define_asset_job(
+    INGEST_JOB_NAME,
+    selection=AssetSelection.assets(*STREAMING_ASSETS),
+    description="One micro-batch of photo-uploads, from its offset range to committed offsets.",
+    tags={"snapmap/kind": "ingest"},
+)
+
+
+def production_resources() -> dict:
+    """Resources wired to the environment (values resolved when a run or tick starts)."""
+    return {
+        "kafka": KafkaResource(
+            bootstrap_servers=EnvVar("KAFKA_BOOTSTRAP_SERVERS"),
+            consumer_group=EnvVar("SNAPMAP_CONSUMER_GROUP"),
+            security_protocol=EnvVar("KAFKA_SECURITY_PROTOCOL"),
+            sasl_mechanism=EnvVar("KAFKA_SASL_MECHANISM"),
+            sasl_username=EnvVar("KAFKA_SASL_USERNAME"),
+            sasl_password=EnvVar("KAFKA_SASL_PASSWORD"),
+            ssl_ca_location=EnvVar("KAFKA_SSL_CA_LOCATION"),
+        ),
+        "mongo": MongoResource(
+            uri=EnvVar("MONGODB_URI"),
+            database=EnvVar("MONGODB_DATABASE"),
+            write_concern=EnvVar("MONGODB_WRITE_CONCERN"),
+        ),
+        "blob": BlobStorageResource(
+            connection_string=EnvVar("AZURE_STORAGE_CONNECTION_STRING"),
+            account_url=EnvVar("AZURE_STORAGE_ACCOUNT_URL"),
+            sas_token=EnvVar("AZURE_STORAGE_SAS"),
+        ),
+        "settings": PipelineSettings(),
+    }
+
+
+def build_definitions(resources: dict) -> Definitions:
+    """The code location with the given resources (tests pass their own isolated ones)."""
+    return Definitions(
+        assets=[*STREAMING_ASSETS, daily_events],
+        asset_checks=SWEEPER_CHECKS,
+        jobs=[ingest_job, recluster_days_job, sweeper_job],
+        schedules=[sweeper_schedule],
+        sensors=[photo_uploads_sensor],
+        resources=resources,
+    )
+
+
+defs = build_definitions(production_resources())

@@ -1,0 +1,25 @@
+"""Job names and run config shapes shared by the sensor, the assets and the definitions."""
+
+from __future__ import annotations
+
+from snapmap_pipeline.resources.kafka import OffsetRange
+
+INGEST_JOB_NAME = "ingest_photo_uploads"
+RECLUSTER_JOB_NAME = "recluster_days"
+SWEEPER_JOB_NAME = "sweeper"
+
+
+def ingest_run_config(offsets: OffsetRange) -> dict:
+    """Run config of one micro-batch: the offset range and nothing else."""
+    return {
+        "ops": {
+            "photo_uploads": {
+                "config": {
+                    "topic": offsets.topic,
+                    "partition": offsets.partition,
+                    "first_offset": offsets.first,
+                    "last_offset": offsets.last,
+                }
+            }
+        }
+    }

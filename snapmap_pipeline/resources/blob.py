@@ -1,0 +1,162 @@
+"""Azure Blob Storage resource: event manifests and photo existence checks.
+
+Built on ``azure-storage-blob`` directly rather than ``dagster-azure``'s resource: that one has
+no connection-string form (what Azurite and many deployments use), no timeouts or retry
+settings, and its package pulls in azure-ai-ml and dozens of other packages. See
+docs/blob-storage.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+)
+from azure.storage.blob import BlobServiceClient, ContentSettings
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from snapmap_pipeline.contract.storage_url import StorageUrlPolicy
+
+MANIFEST_CONTAINER = "event-manifests"
+
+
+class BlobConfigError(ValueError):
+    """The Blob Storage settings cannot work; raised at start, not per photo."""
+
+
+@dataclass(frozen=True)
+class BlobStatus:
+    """Outcome of one existence check: ``present``, ``missing`` or ``error`` (auth, throttling,
+    outage: never reported as missing)."""
+
+    url: str
+    status: str
+    detail: str = ""
+
+
+class BlobStorageResource(ConfigurableResource):
+    """Either ``connection_string`` (Azurite, or an account key), or ``account_url`` with a SAS
+    token or, when neither secret is set, ``DefaultAzureCredential`` (managed identity)."""
+
+    connection_string: str | None = Field(
+        default=None, description="Secret (EnvVar AZURE_STORAGE_CONNECTION_STRING)."
+    )
+    account_url: str | None = Field(
+        default=None, description="https://ACCOUNT.blob.core.windows.net (with a credential)."
+    )
+    sas_token: str | None = Field(default=None, description="Secret (EnvVar AZURE_STORAGE_SAS).")
+    manifest_container: str = Field(default=MANIFEST_CONTAINER)
+    timeout_s: int = Field(default=20, description="Per-request timeout.")
+    retries: int = Field(default=3, description="SDK retries of throttling and 5xx answers.")
+
+    def _settings(self) -> dict[str, str]:
+        if not self.connection_string:
+            return {}
+        if self.connection_string.strip().rstrip(";") == "UseDevelopmentStorage=true":
+            raise BlobConfigError(
+                "AZURE_STORAGE_CONNECTION_STRING=UseDevelopmentStorage=true is not understood by "
+                "the Python SDK; give the explicit Azurite string (see `scripts/stack env`)"
+            )
+        pairs = (part.split("=", 1) for part in self.connection_string.split(";") if "=" in part)
+        return {key: value for key, value in pairs}
+
+    def url_policy(self) -> StorageUrlPolicy:
+        """Which storageUrls this account accepts (see contract/storage_url.py)."""
+        settings = self._settings()
+        account = settings.get("AccountName")
+        endpoint = settings.get("BlobEndpoint")
+        if self.account_url:
+            host = self.account_url.split("//", 1)[-1].split("/", 1)[0]
+            account = host.split(".", 1)[0]
+        is_emulator = endpoint is not None and ".blob.core.windows.net" not in endpoint
+        return StorageUrlPolicy(
+            account_name=account, emulator_endpoint=endpoint if is_emulator else None
+        )
+
+    @contextmanager
+    def service(self) -> Iterator[BlobServiceClient]:
+        options = {
+            "connection_timeout": self.timeout_s,
+            "read_timeout": self.timeout_s,
+            "retry_total": self.retries,
+        }
+        if self.connection_string:
+            self._settings()
+            client = BlobServiceClient.from_connection_string(self.connection_string, **options)
+        elif self.account_url:
+            credential: object = self.sas_token
+            if not credential:
+                try:
+                    from azure.identity import DefaultAzureCredential
+                except ImportError as missing:
+                    raise BlobConfigError(
+                        "no SAS token and azure-identity is not installed for a managed identity"
+                    ) from missing
+                credential = DefaultAzureCredential()
+            client = BlobServiceClient(self.account_url, credential=credential, **options)
+        else:
+            raise BlobConfigError(
+                "set AZURE_STORAGE_CONNECTION_STRING or AZURE_STORAGE_ACCOUNT_URL"
+            )
+        try:
+            yield client
+        finally:
+            client.close()
+
+    def put_manifest(self, client: BlobServiceClient, event_id: str, manifest: dict) -> bool:
+        """Write ``event-manifests/EVENT_ID.json``; returns False when the same content is
+        already there (idempotent: same content, same blob, no new write)."""
+        body = json.dumps(manifest, sort_keys=True, separators=(",", ":"), default=str).encode()
+        digest = hashlib.sha256(body).hexdigest()
+        blob = client.get_blob_client(self.manifest_container, f"{event_id}.json")
+        try:
+            if blob.get_blob_properties().metadata.get("sha256") == digest:
+                return False
+        except ResourceNotFoundError:
+            pass
+        try:
+            blob.upload_blob(
+                body,
+                overwrite=True,
+                metadata={"sha256": digest},
+                content_settings=ContentSettings(content_type="application/json"),
+            )
+        except ResourceNotFoundError:
+            self.ensure_container(client)
+            blob.upload_blob(
+                body,
+                overwrite=True,
+                metadata={"sha256": digest},
+                content_settings=ContentSettings(content_type="application/json"),
+            )
+        return True
+
+    def ensure_container(self, client: BlobServiceClient) -> None:
+        try:
+            client.create_container(self.manifest_container)
+        except ResourceExistsError:
+            pass
+
+    def blob_status(self, client: BlobServiceClient, url: str) -> BlobStatus:
+        """Whether the photo behind ``url`` exists. 404 (blob or container) is ``missing``;
+        403 and other failures are ``error`` and never counted as missing (cases.md #40, #41)."""
+        location = self.url_policy().parse(url)
+        blob = client.get_blob_client(location.container, location.blob_name)
+        try:
+            blob.get_blob_properties()
+        except ResourceNotFoundError:
+            return BlobStatus(url, "missing")
+        except ClientAuthenticationError as error:
+            return BlobStatus(url, "error", f"authentication failed: {error.reason}")
+        except HttpResponseError as error:
+            return BlobStatus(url, "error", f"HTTP {error.status_code}: {error.reason}")
+        return BlobStatus(url, "present")

@@ -1,0 +1,253 @@
+"""Kafka resource: bounded, explicit-offset access to the broker for sensors and runs.
+
+Offsets are never stored or committed implicitly: consumers are created with auto-commit and
+the automatic offset store off, read by ``assign`` + explicit offsets, and the consumer group's
+offset moves only through ``commit_offset`` after a run has applied its batch
+(cases.md #13, #14, #15). Every call has a timeout; a broker that does not answer raises
+``KafkaUnavailable`` instead of hanging (cases.md #21).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+from dagster import ConfigurableResource
+from pydantic import Field
+
+# librdkafka's value for "no offset committed for this group and partition".
+_OFFSET_INVALID = -1001
+
+
+class KafkaUnavailable(RuntimeError):
+    """The broker did not answer within the configured timeout."""
+
+
+@dataclass(frozen=True)
+class OffsetRange:
+    """Offsets ``first`` to ``last`` inclusive of one topic partition: one micro-batch."""
+
+    topic: str
+    partition: int
+    first: int
+    last: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.topic}/{self.partition}/{self.first}-{self.last}"
+
+    @property
+    def count(self) -> int:
+        return self.last - self.first + 1
+
+
+@dataclass(frozen=True)
+class Watermarks:
+    low: int
+    high: int
+
+
+class KafkaResource(ConfigurableResource):
+    """Connection settings for the Kafka cluster that carries photo uploads and event updates."""
+
+    bootstrap_servers: str = Field(description="host:port list of the brokers.")
+    consumer_group: str = Field(
+        default="snapmap-pipeline",
+        description="Consumer group whose committed offsets show the pipeline's real backlog.",
+    )
+    security_protocol: str = Field(
+        default="PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+    )
+    sasl_mechanism: str | None = Field(default=None, description="PLAIN, SCRAM-SHA-256/512.")
+    sasl_username: str | None = Field(default=None, description="SASL user (from EnvVar).")
+    sasl_password: str | None = Field(default=None, description="SASL password (EnvVar).")
+    ssl_ca_location: str | None = Field(default=None, description="Path of a CA bundle (PEM).")
+    timeout_s: float = Field(default=10.0, description="Timeout of each broker call.")
+
+    def _base_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+            "socket.timeout.ms": int(self.timeout_s * 1000),
+            "socket.connection.setup.timeout.ms": int(self.timeout_s * 1000),
+            # librdkafka logs with syslog levels (0-7), all below logging.DEBUG: a stopped broker
+            # shows up as an exception from the call, not as a flood of retry lines.
+            "logger": logging.getLogger("snapmap_pipeline.librdkafka"),
+        }
+        optional = {
+            "sasl.mechanism": self.sasl_mechanism,
+            "sasl.username": self.sasl_username,
+            "sasl.password": self.sasl_password,
+            "ssl.ca.location": self.ssl_ca_location,
+        }
+        config.update({k: v for k, v in optional.items() if v})
+        return config
+
+    @contextmanager
+    def consumer(self) -> Iterator[Consumer]:
+        """A consumer for explicit reads: it never stores or commits offsets by itself."""
+        consumer = Consumer(
+            {
+                **self._base_config(),
+                "group.id": self.consumer_group,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                # An offset deleted by retention must be noticed, never skipped silently.
+                "auto.offset.reset": "error",
+                "enable.partition.eof": True,
+            }
+        )
+        try:
+            yield consumer
+        finally:
+            consumer.close()
+
+    @contextmanager
+    def producer(self) -> Iterator[Producer]:
+        """An idempotent producer; pending messages are flushed (bounded) on exit."""
+        producer = Producer(
+            {
+                **self._base_config(),
+                "enable.idempotence": True,
+                "acks": "all",
+                "message.timeout.ms": int(self.timeout_s * 3000),
+                "linger.ms": 5,
+            }
+        )
+        try:
+            yield producer
+        finally:
+            remaining = producer.flush(self.timeout_s * 3)
+            if remaining:
+                raise KafkaUnavailable(f"{remaining} messages not delivered before the timeout")
+
+    def send(self, topic: str, messages: Sequence[tuple[bytes | None, bytes | None, list]]) -> None:
+        """Produce ``(key, value, headers)`` messages and wait until the broker acknowledged
+        every one; raises ``KafkaUnavailable`` naming the first failure otherwise."""
+        failures: list[str] = []
+
+        def on_delivery(error: KafkaError | None, _message: Message) -> None:
+            if error is not None:
+                failures.append(str(error))
+
+        with self.producer() as producer:
+            for key, value, headers in messages:
+                while True:
+                    try:
+                        producer.produce(
+                            topic, value=value, key=key, headers=headers, on_delivery=on_delivery
+                        )
+                        break
+                    except BufferError:
+                        producer.poll(0.5)
+                producer.poll(0)
+        if failures:
+            raise KafkaUnavailable(
+                f"{len(failures)} of {len(messages)} messages to {topic} failed: {failures[0]}"
+            )
+
+    def admin(self) -> AdminClient:
+        return AdminClient(self._base_config())
+
+    def partitions(self, consumer: Consumer, topic: str) -> list[int]:
+        """Partition ids of ``topic``; raises ``KafkaUnavailable`` when the broker is silent."""
+        try:
+            metadata = consumer.list_topics(topic, timeout=self.timeout_s)
+        except KafkaException as error:
+            raise KafkaUnavailable(f"metadata for {topic}: {error}") from error
+        topic_metadata = metadata.topics.get(topic)
+        if topic_metadata is None or topic_metadata.error is not None:
+            reason = topic_metadata.error if topic_metadata else "missing"
+            raise KafkaUnavailable(f"topic {topic} is not available: {reason}")
+        return sorted(topic_metadata.partitions)
+
+    def watermarks(self, consumer: Consumer, topic: str, partition: int) -> Watermarks:
+        try:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=self.timeout_s, cached=False
+            )
+        except KafkaException as error:
+            raise KafkaUnavailable(f"watermarks of {topic}/{partition}: {error}") from error
+        return Watermarks(low, high)
+
+    def committed(
+        self, consumer: Consumer, topic: str, partitions: Sequence[int]
+    ) -> dict[int, int]:
+        """The consumer group's committed next offset per partition (absent when none)."""
+        try:
+            found = consumer.committed(
+                [TopicPartition(topic, p) for p in partitions], timeout=self.timeout_s
+            )
+        except KafkaException as error:
+            raise KafkaUnavailable(f"committed offsets of {topic}: {error}") from error
+        return {tp.partition: tp.offset for tp in found if tp.offset != _OFFSET_INVALID}
+
+    def commit_offset(self, topic: str, partition: int, next_offset: int) -> None:
+        """Commit ``next_offset`` for the consumer group, synchronously."""
+        with self.consumer() as consumer:
+            try:
+                consumer.commit(
+                    offsets=[TopicPartition(topic, partition, next_offset)], asynchronous=False
+                )
+            except KafkaException as error:
+                raise KafkaUnavailable(
+                    f"commit {topic}/{partition}@{next_offset}: {error}"
+                ) from error
+
+    def read_range(self, offsets: OffsetRange) -> tuple[list[Message], int]:
+        """Read exactly ``offsets`` with assign + seek, so a re-executed run reads the same
+        messages. Returns the messages and how many leading offsets retention had already
+        deleted (they can never be read; the caller records the gap)."""
+        messages: list[Message] = []
+        deadline = time.monotonic() + self.timeout_s * 3
+        with self.consumer() as consumer:
+            marks = self.watermarks(consumer, offsets.topic, offsets.partition)
+            start = max(offsets.first, marks.low)
+            lost = start - offsets.first
+            if start > offsets.last:
+                return messages, lost
+            if marks.high <= offsets.last:
+                raise KafkaUnavailable(
+                    f"{offsets.key} ends beyond the partition's end offset {marks.high}"
+                )
+            consumer.assign([TopicPartition(offsets.topic, offsets.partition, start)])
+            position = start
+            while position <= offsets.last:
+                if time.monotonic() > deadline:
+                    raise KafkaUnavailable(f"read of {offsets.key} stalled at offset {position}")
+                for message in consumer.consume(num_messages=1000, timeout=1.0):
+                    error = message.error()
+                    if error is not None and error.code() != KafkaError._PARTITION_EOF:
+                        raise KafkaUnavailable(f"read of {offsets.key}: {error}")
+                    if error is None and message.offset() <= offsets.last:
+                        messages.append(message)
+                # The position also moves past transaction markers, which carry no message.
+                position = consumer.position([TopicPartition(offsets.topic, offsets.partition)])[
+                    0
+                ].offset
+        return messages, lost
+
+    def ensure_topics(self, topics: dict[str, int]) -> None:
+        """Create missing topics (name -> partitions); existing ones are left alone."""
+        admin = self.admin()
+        futures = admin.create_topics(
+            [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items()],
+            request_timeout=self.timeout_s,
+        )
+        for name, future in futures.items():
+            try:
+                future.result(timeout=self.timeout_s)
+            except KafkaException as error:
+                if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise KafkaUnavailable(f"create topic {name}: {error}") from error
+
+
+def encode_json(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, separators=(",", ":"), sort_keys=True).encode("utf-8")

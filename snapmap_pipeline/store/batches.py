@@ -1,0 +1,64 @@
+"""Offset bookkeeping: which ranges are applied, and the contiguous commit."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from pymongo.database import Database
+
+from snapmap_pipeline.resources.kafka import KafkaResource
+
+if TYPE_CHECKING:
+    from snapmap_pipeline.assets.ingest import IngestedBatch
+
+
+def record_batch(db: Database, batch: IngestedBatch) -> None:
+    offsets = batch.offsets
+    db.batches.update_one(
+        {"_id": offsets.key},
+        {
+            "$set": {
+                "topic": offsets.topic,
+                "partition": offsets.partition,
+                "first": offsets.first,
+                "last": offsets.last,
+                "read": batch.read,
+                "valid": batch.valid,
+                "deadLettered": batch.dead_lettered,
+                "lostToRetention": batch.lost_to_retention,
+                "status": "applied",
+            },
+            "$setOnInsert": {"appliedAt": datetime.now(UTC)},
+        },
+        upsert=True,
+    )
+
+
+def commit_contiguous(db: Database, kafka: KafkaResource, topic: str, partition: int) -> int:
+    """Advance the group's committed offset over every applied range that starts at it.
+
+    Ranges applied out of order wait until the gap before them is applied, so the committed
+    offset never passes an offset that is still pending (cases.md #15)."""
+    with kafka.consumer() as consumer:
+        low = kafka.watermarks(consumer, topic, partition).low
+        # Offsets below the low watermark were deleted by retention (the sensor recorded the
+        # gap); they can never be applied, so the commit does not wait for them.
+        committed = max(kafka.committed(consumer, topic, [partition]).get(partition, low), low)
+    position = committed
+    while True:
+        batch = db.batches.find_one(
+            {
+                "topic": topic,
+                "partition": partition,
+                "status": "applied",
+                "first": {"$lte": position},
+                "last": {"$gte": position},
+            }
+        )
+        if batch is None:
+            break
+        position = batch["last"] + 1
+    if position > committed:
+        kafka.commit_offset(topic, partition, position)
+    return position

@@ -1,0 +1,111 @@
+"""Isolating a poison photo: a valid photo whose processing fails again and again.
+
+A batch whose recluster fails with an error that is not an outage is split in halves and each
+half retried, so the rest of the batch is applied. A single photo that still fails has its
+attempt counted in ``poison_attempts``; below the limit the error propagates (the run fails and
+Dagster retries it), at the limit the photo's message is dead-lettered with the error, the photo
+is marked ``deadLettered`` and left out of every later closure.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from pymongo import ReturnDocument
+from pymongo.database import Database
+from pymongo.errors import ConnectionFailure
+
+from snapmap_pipeline.resources.kafka import KafkaUnavailable
+from snapmap_pipeline.store.dead_letters import DeadLetter
+from snapmap_pipeline.store.events import WriteConflict
+from snapmap_pipeline.store.lease import LeaseTimeout
+from snapmap_pipeline.store.recluster import ReclusterReport
+
+log = logging.getLogger(__name__)
+
+# Outages and races: retried as a whole (by the run's retry policy), never blamed on a photo.
+TRANSIENT = (ConnectionFailure, KafkaUnavailable, LeaseTimeout, WriteConflict)
+
+
+def recluster_isolating_poison(
+    db: Database,
+    seed_ids: Sequence[str],
+    step: Callable[[Sequence[str]], ReclusterReport],
+    dead_letter: Callable[[list[DeadLetter]], int],
+    max_attempts: int,
+) -> tuple[ReclusterReport, list[str]]:
+    """Run ``step`` over ``seed_ids``, bisecting around photos that make it fail.
+
+    Returns the merged report and the ids dead-lettered now."""
+    try:
+        return step(seed_ids), []
+    except TRANSIENT:
+        raise
+    except Exception as error:  # noqa: BLE001 - any other failure may be one photo's fault
+        if len(seed_ids) == 1:
+            return ReclusterReport(), _count_attempt(
+                db, seed_ids[0], error, dead_letter, max_attempts
+            )
+        log.warning("recluster of %d photos failed (%s); bisecting", len(seed_ids), error)
+    middle = len(seed_ids) // 2
+    report = ReclusterReport()
+    poisoned: list[str] = []
+    failures: list[Exception] = []
+    for half in (seed_ids[:middle], seed_ids[middle:]):
+        try:
+            half_report, half_poisoned = recluster_isolating_poison(
+                db, half, step, dead_letter, max_attempts
+            )
+        except TRANSIENT:
+            raise
+        except Exception as error:  # noqa: BLE001 - finish the other half, then fail the run
+            failures.append(error)
+            continue
+        report.merge(half_report)
+        poisoned += half_poisoned
+    if failures:
+        raise failures[0]
+    return report, poisoned
+
+
+def _count_attempt(
+    db: Database,
+    photo_id: str,
+    error: Exception,
+    dead_letter: Callable[[list[DeadLetter]], int],
+    max_attempts: int,
+) -> list[str]:
+    reason = f"{type(error).__name__}: {error}"
+    record = db.poison_attempts.find_one_and_update(
+        {"_id": photo_id},
+        {"$inc": {"attempts": 1}, "$set": {"lastError": reason[:500]}},
+        upsert=True,
+        return_document=ReturnDocument.AFTER,
+    )
+    if record["attempts"] < max_attempts:
+        log.warning(
+            "photo %s failed processing (attempt %d of %d): %s",
+            photo_id,
+            record["attempts"],
+            max_attempts,
+            reason,
+        )
+        raise error
+    photo = db.photos.find_one({"_id": photo_id}, {"source": 1}) or {}
+    source = photo.get("source") or {}
+    letter = DeadLetter(
+        topic=source.get("topic", "unknown"),
+        partition=int(source.get("partition", -1)),
+        offset=int(source.get("offset", -1)),
+        code="processing_failed",
+        reason=f"failed {record['attempts']} times: {reason}"[:500],
+        key=photo_id.encode(),
+        value=None,
+    )
+    dead_letter([letter])
+    db.photos.update_one({"_id": photo_id}, {"$set": {"deadLettered": True}})
+    log.error(
+        "photo %s dead-lettered after %d failed attempts: %s", photo_id, record["attempts"], reason
+    )
+    return [photo_id]

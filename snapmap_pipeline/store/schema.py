@@ -1,0 +1,60 @@
+"""Collections and indexes, created idempotently once per client.
+
+``photos``: ``_id`` = photoId; GeoJSON ``location``; ``cell`` (see ``geocell``) with
+``takenAt`` for the neighbourhood loads; ``uploadedAt`` for the sweeper; ``eventId``.
+``events``: ``_id`` = eventId; GeoJSON ``centroid``; ``endAt``; ``version``/``publishedVersion``
+(the outbox of event-updates). ``pending_links``: photo-to-event decisions not yet applied to
+``photos`` (the link step's queue). ``leases``: the clustering lease. ``batches``: what each
+offset range ended as (the offset accounting).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pymongo import ASCENDING
+from pymongo.database import Database
+from pymongo.errors import OperationFailure
+
+log = logging.getLogger(__name__)
+
+_INDEXES: dict[str, list[list[tuple[str, object]]]] = {
+    "photos": [
+        [("cell", ASCENDING), ("takenAt", ASCENDING)],
+        [("takenAt", ASCENDING)],
+        [("uploadedAt", ASCENDING)],
+        [("eventId", ASCENDING)],
+    ],
+    "events": [
+        [("endAt", ASCENDING)],
+        [("startAt", ASCENDING)],
+        [("publishPending", ASCENDING)],
+        [("manifestPending", ASCENDING)],
+    ],
+    "pending_links": [[("token", ASCENDING)]],
+    "batches": [[("topic", ASCENDING), ("partition", ASCENDING), ("first", ASCENDING)]],
+}
+_GEO_INDEXES = {"photos": "location", "events": "centroid"}
+
+
+def ensure_schema(db: Database) -> dict[str, bool]:
+    """Create the indexes. Returns which 2dsphere indexes exist; a server without 2dsphere
+    (the local MongoDB-compatible one) gets one plain log line, and clustering carries on: it
+    never uses geo queries."""
+    for collection, indexes in _INDEXES.items():
+        for keys in indexes:
+            db[collection].create_index(keys)
+    geo: dict[str, bool] = {}
+    for collection, field in _GEO_INDEXES.items():
+        try:
+            db[collection].create_index([(field, "2dsphere")])
+            geo[collection] = True
+        except OperationFailure as error:
+            geo[collection] = False
+            log.warning(
+                "server has no 2dsphere index for %s.%s (%s); clustering does not need it",
+                collection,
+                field,
+                str(error).splitlines()[0][:120],
+            )
+    return geo

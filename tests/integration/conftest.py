@@ -1,0 +1,61 @@
+"""Resources bound to the real local stack, isolated per test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from pymongo import MongoClient
+
+from snapmap_pipeline.resources.blob import BlobStorageResource
+from snapmap_pipeline.resources.kafka import KafkaResource
+from snapmap_pipeline.resources.mongo import MongoResource
+from snapmap_pipeline.settings import PipelineSettings
+from tests.conftest import stack_setting
+
+
+@pytest.fixture
+def settings(unique: str) -> PipelineSettings:
+    return PipelineSettings(
+        uploads_topic=f"photo-uploads-{unique}",
+        dead_letter_topic=f"photo-uploads-{unique}.dlq",
+        event_updates_topic=f"event-updates-{unique}",
+        max_messages_per_run=500,
+    )
+
+
+@pytest.fixture
+def kafka(unique: str, settings: PipelineSettings) -> KafkaResource:
+    resource = KafkaResource(
+        bootstrap_servers=stack_setting("KAFKA_BOOTSTRAP_SERVERS"),
+        consumer_group=f"snapmap-test-{unique}",
+        timeout_s=10.0,
+    )
+    resource.ensure_topics(
+        {settings.uploads_topic: 3, settings.dead_letter_topic: 1, settings.event_updates_topic: 3}
+    )
+    return resource
+
+
+@pytest.fixture
+def mongo(unique: str) -> Iterator[MongoResource]:
+    resource = MongoResource(
+        uri=stack_setting("MONGODB_URI"), database=f"snapmap_test_{unique}", write_concern="1"
+    )
+    yield resource
+    client = MongoClient(resource.uri, serverSelectionTimeoutMS=5000)
+    client.drop_database(resource.database)
+    client.close()
+
+
+@pytest.fixture
+def blob(unique: str) -> BlobStorageResource:
+    return BlobStorageResource(
+        connection_string=stack_setting("AZURE_STORAGE_CONNECTION_STRING"),
+        manifest_container=f"manifests-{unique}",
+    )
+
+
+@pytest.fixture
+def resources(kafka, mongo, blob, settings) -> dict:
+    return {"kafka": kafka, "mongo": mongo, "blob": blob, "settings": settings}
