@@ -1,6 +1,5 @@
 """Clustering, linking, publishing and committing: the rest of a micro-batch."""
 
-from __future__ import annotations
 
 from dagster import AssetExecutionContext, MaterializeResult, Output, asset
 

@@ -77,8 +77,8 @@ class KafkaResource(ConfigurableResource):
             "security.protocol": self.security_protocol,
             "socket.timeout.ms": int(self.timeout_s * 1000),
             "socket.connection.setup.timeout.ms": int(self.timeout_s * 1000),
-            # librdkafka logs with syslog levels (0-7), all below logging.DEBUG: a stopped broker
-            # shows up as an exception from the call, not as a flood of retry lines.
+            # librdkafka's own lines go to a named Python logger (not straight to stderr), so
+            # the run log and the log configuration decide what is shown.
             "logger": logging.getLogger("snapmap_pipeline.librdkafka"),
         }
         optional = {

@@ -10,7 +10,6 @@ retention before a run was requested are a visible gap: a log line, a run tag an
 observation on the ``photo_uploads`` asset.
 """
 
-from __future__ import annotations
 
 import json
 import time

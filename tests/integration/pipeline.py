@@ -49,15 +49,15 @@ class Harness:
         return build_definitions(self.resources)
 
     def tick(self) -> list[RunRequest]:
-        context = build_sensor_context(
+        with build_sensor_context(
             instance=self.instance, cursor=self.cursor, resources=self.resources
-        )
-        result = photo_uploads_sensor(context)
-        if isinstance(result, SensorResult):
-            self.cursor = result.cursor
-            return list(result.run_requests or [])
-        self.cursor = context.cursor
-        return []
+        ) as context:
+            result = photo_uploads_sensor(context)
+            if isinstance(result, SensorResult):
+                self.cursor = result.cursor
+                return list(result.run_requests or [])
+            self.cursor = context.cursor
+            return []
 
     def execute(self, request: RunRequest, raise_on_error: bool = True):
         job = self.definitions.get_job_def(INGEST_JOB_NAME)
