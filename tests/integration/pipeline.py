@@ -60,7 +60,7 @@ class Harness:
             return []
 
     def execute(self, request: RunRequest, raise_on_error: bool = True):
-        job = self.definitions.get_job_def(INGEST_JOB_NAME)
+        job = self.definitions.resolve_job_def(INGEST_JOB_NAME)
         return job.execute_in_process(
             run_config=request.run_config,
             instance=self.instance,
