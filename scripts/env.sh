@@ -7,6 +7,9 @@ _py="$_root/.venv/bin/python"
 if [ -z "${SNAPMAP_PRODUCTION:-}" ]; then
   eval "$("$_py" "$_root/localstack/stack.py" env)"
 fi
+export SNAPMAP_UPLOADS_TOPIC="${SNAPMAP_UPLOADS_TOPIC:-photo-uploads}"
+export SNAPMAP_DEAD_LETTER_TOPIC="${SNAPMAP_DEAD_LETTER_TOPIC:-photo-uploads.dlq}"
+export SNAPMAP_EVENT_UPDATES_TOPIC="${SNAPMAP_EVENT_UPDATES_TOPIC:-event-updates}"
 export SNAPMAP_CONSUMER_GROUP="${SNAPMAP_CONSUMER_GROUP:-snapmap-pipeline}"
 export KAFKA_SECURITY_PROTOCOL="${KAFKA_SECURITY_PROTOCOL:-PLAINTEXT}"
 export KAFKA_SASL_MECHANISM="${KAFKA_SASL_MECHANISM:-}"

@@ -28,7 +28,7 @@ STREAMING_ASSETS = [photo_uploads, events, photo_event_links, event_updates, con
 
 ingest_job = define_asset_job(
     INGEST_JOB_NAME,
-    selection=AssetSelection.assets(*STREAMING_ASSETS),
+    selection=AssetSelection.assets(*STREAMING_ASSETS).without_checks(),
     description="One micro-batch of photo-uploads, from its offset range to committed offsets.",
     tags={"snapmap/kind": "ingest"},
 )
@@ -56,7 +56,11 @@ def production_resources() -> dict:
             account_url=EnvVar("AZURE_STORAGE_ACCOUNT_URL"),
             sas_token=EnvVar("AZURE_STORAGE_SAS"),
         ),
-        "settings": PipelineSettings(),
+        "settings": PipelineSettings(
+            uploads_topic=EnvVar("SNAPMAP_UPLOADS_TOPIC"),
+            dead_letter_topic=EnvVar("SNAPMAP_DEAD_LETTER_TOPIC"),
+            event_updates_topic=EnvVar("SNAPMAP_EVENT_UPDATES_TOPIC"),
+        ),
     }
 
 

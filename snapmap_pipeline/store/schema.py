@@ -38,9 +38,10 @@ _GEO_INDEXES = {"photos": "location", "events": "centroid"}
 
 
 def ensure_schema(db: Database) -> dict[str, bool]:
-    """Create the indexes. Returns which 2dsphere indexes exist; a server without 2dsphere
-    (the local MongoDB-compatible one) gets one plain log line, and clustering carries on: it
-    never uses geo queries."""
+    """Create the indexes. Returns, per collection, whether the server answers geo queries on
+    its 2dsphere index. A server that refuses the index, or accepts it but cannot use it (the
+    local MongoDB-compatible server does the latter), gets one plain log line, and clustering
+    carries on: it never uses geo queries."""
     for collection, indexes in _INDEXES.items():
         for keys in indexes:
             db[collection].create_index(keys)
@@ -48,11 +49,15 @@ def ensure_schema(db: Database) -> dict[str, bool]:
     for collection, field in _GEO_INDEXES.items():
         try:
             db[collection].create_index([(field, "2dsphere")])
+            probe = {
+                field: {"$nearSphere": {"$geometry": {"type": "Point", "coordinates": [0, 0]}}}
+            }
+            list(db[collection].find(probe, {"_id": 1}).limit(1))
             geo[collection] = True
         except OperationFailure as error:
             geo[collection] = False
             log.warning(
-                "server has no 2dsphere index for %s.%s (%s); clustering does not need it",
+                "server cannot serve 2dsphere queries on %s.%s (%s); clustering does not need them",
                 collection,
                 field,
                 str(error).splitlines()[0][:120],

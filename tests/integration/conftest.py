@@ -59,3 +59,20 @@ def blob(unique: str) -> BlobStorageResource:
 @pytest.fixture
 def resources(kafka, mongo, blob, settings) -> dict:
     return {"kafka": kafka, "mongo": mongo, "blob": blob, "settings": settings}
+
+
+@pytest.fixture
+def dagster_postgres_url(unique: str) -> Iterator[str]:
+    """A database of its own on the stack's PostgreSQL, for a Dagster instance under test."""
+    import psycopg2
+
+    base = stack_setting("DAGSTER_POSTGRES_URL")
+    name = f"dagster_test_{unique}"
+    admin = psycopg2.connect(base, connect_timeout=10)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    yield base.rsplit("/", 1)[0] + "/" + name
+    with admin.cursor() as cursor:
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()

@@ -99,3 +99,16 @@ def groups(assignment: dict[str, str | None]) -> set[frozenset[str]]:
 
 def sorted_ids(values: Sequence[str]) -> list[str]:
     return sorted(values)
+
+
+def resource_specs(resources: dict) -> dict:
+    """Resources as (class, fields): what a child process needs to rebuild them."""
+    return {name: (type(r), r.model_dump()) for name, r in resources.items()}
+
+
+def execute_in_subprocess(instance_ref, specs: dict, run_config: dict, tags: dict) -> bool:
+    """Execute one micro-batch run in this (child) process; for runs that must overlap."""
+    instance = DagsterInstance.from_ref(instance_ref)
+    resources = {name: cls(**fields) for name, (cls, fields) in specs.items()}
+    job = build_definitions(resources).resolve_job_def(INGEST_JOB_NAME)
+    return job.execute_in_process(run_config=run_config, instance=instance, tags=tags).success

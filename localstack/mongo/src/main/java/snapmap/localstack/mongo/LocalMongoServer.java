@@ -1,0 +1,106 @@
+package snapmap.localstack.mongo;
+
+import java.io.IOException;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.util.List;
+
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
+
+import de.bwaldvogel.mongo.MongoServer;
+import de.bwaldvogel.mongo.MongoVersion;
+import de.bwaldvogel.mongo.backend.h2.H2Backend;
+
+/**
+ * The local stack's MongoDB-compatible server: mongo-java-server speaking the MongoDB wire
+ * protocol on one address, with every database kept in a single H2 MVStore file.
+ *
+ * <p>Usage: {@code LocalMongoServer <host> <port> <data_dir>}. It listens on host:port only
+ * and nowhere else, keeps its data in {@code <data_dir>/snapmap.mv.db}, and runs until it is
+ * sent SIGTERM or SIGINT, when it stops accepting connections and closes the store so that
+ * everything written is on disk. After a SIGKILL the store reopens at its last commit; the
+ * store commits in the background about once a second, so at most that much can be lost.
+ *
+ * <p>Only one server can hold a data dir at a time: the MVStore file is locked while open.
+ */
+public final class LocalMongoServer {
+
+    static final String STORE_FILE = "snapmap.mv.db";
+
+    /**
+     * What the server tells drivers it is. The library's own choices all announce wire version 8
+     * (MongoDB 4.2 or older), which pymongo 4.x refuses outright; 9 (MongoDB 4.4) is the oldest
+     * it accepts. pymongo uses nothing newer unless the caller asks for it, and the probe
+     * (probe.py) checks what the pipeline needs against this server.
+     */
+    static final MongoVersion ANNOUNCED_VERSION = new MongoVersion() {
+        @Override
+        public List<Integer> getVersionArray() {
+            return List.of(4, 4, 0);
+        }
+
+        @Override
+        public int getWireVersion() {
+            return 9;
+        }
+    };
+
+    private static final Logger log = LoggerFactory.getLogger(LocalMongoServer.class);
+
+    private LocalMongoServer() {
+    }
+
+    public static void main(String[] args) {
+        if (args.length != 3) {
+            System.err.println("usage: LocalMongoServer <host> <port> <data_dir>");
+            System.exit(2);
+        }
+        String host = args[0];
+        int port = parsePort(args[1]);
+        Path store = Path.of(args[2]).toAbsolutePath().resolve(STORE_FILE);
+
+        H2Backend backend;
+        try {
+            Files.createDirectories(store.getParent());
+            backend = new H2Backend(store.toString());
+        } catch (IOException | RuntimeException e) {
+            // The usual cause is another server still holding the store's file lock.
+            System.err.println("cannot open data store " + store + ": " + e.getMessage());
+            System.exit(1);
+            return;
+        }
+
+        backend.version(ANNOUNCED_VERSION);
+        MongoServer server = new MongoServer(backend);
+        try {
+            server.bind(host, port);
+        } catch (RuntimeException e) {
+            backend.close();
+            System.err.println("cannot listen on " + host + ":" + port + ": " + e.getMessage());
+            System.exit(1);
+            return;
+        }
+
+        Runtime.getRuntime().addShutdownHook(new Thread(() -> {
+            log.info("stopping: closing connections and the data store");
+            server.shutdown();
+            backend.close();
+        }, "local-mongo-shutdown"));
+        log.info("listening on {}:{} with data in {}", host, port, store);
+    }
+
+    private static int parsePort(String text) {
+        try {
+            int port = Integer.parseInt(text);
+            if (port > 0 && port < 65536) {
+                return port;
+            }
+        } catch (NumberFormatException e) {
+            // reported below, with the usage
+        }
+        System.err.println("port must be a number from 1 to 65535, got '" + text + "'");
+        System.exit(2);
+        return -1;
+    }
+}

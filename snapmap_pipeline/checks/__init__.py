@@ -1,0 +1,5 @@
+"""Asset checks: the sweeper's consistency checks and the remediation of orphan photos."""
+
+from snapmap_pipeline.checks.sweeper import SWEEPER_CHECKS, sweeper_job, sweeper_schedule
+
+__all__ = ["SWEEPER_CHECKS", "sweeper_job", "sweeper_schedule"]

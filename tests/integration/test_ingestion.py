@@ -1,0 +1,258 @@
+"""A micro-batch's guarantees: dead letters with reasons, poison isolation, commit only after
+success, and runs that overlap in space agreeing with serial ones."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+
+import pytest
+from dagster import instance_for_test
+
+from snapmap_pipeline.clustering import ClusterParams
+from snapmap_pipeline.resources.kafka import KafkaResource, OffsetRange
+from snapmap_pipeline.settings import PipelineSettings
+from snapmap_pipeline.store.dead_letters import send_dead_letters
+from snapmap_pipeline.store.events import apply_pending_links
+from snapmap_pipeline.store.poison import recluster_isolating_poison
+from snapmap_pipeline.store.recluster import recluster
+from tests.integration.pipeline import (
+    Harness,
+    execute_in_subprocess,
+    groups,
+    photo_events,
+    publish,
+    resource_specs,
+    upload,
+)
+
+pytestmark = [pytest.mark.kafka, pytest.mark.storage]
+
+
+def changed(settings: PipelineSettings, **fields) -> PipelineSettings:
+    """A copy with some fields changed (built anew: Dagster resources keep their config)."""
+    return PipelineSettings(**{**settings.model_dump(), **fields})
+
+
+def read_all(kafka: KafkaResource, topic: str, partition: int = 0) -> list:
+    with kafka.consumer() as consumer:
+        high = kafka.watermarks(consumer, topic, partition).high
+    if high == 0:
+        return []
+    messages, _ = kafka.read_range(OffsetRange(topic, partition, 0, high - 1))
+    return messages
+
+
+def committed(kafka: KafkaResource, topic: str) -> dict[int, int]:
+    with kafka.consumer() as consumer:
+        return kafka.committed(consumer, topic, kafka.partitions(consumer, topic))
+
+
+MALFORMED = {
+    b"{not json": "not_json",
+    b"[1,2,3]": "not_object",
+    upload("oob-1", "2026-01-17T13:20:00Z", 190.0, 25.43): "schema",
+    upload("oob-2", "2026-01-17T13:20:00Z", 81.77, 95.0): "schema",
+    upload("naive", "2026-01-17T13:20:00", 81.77, 25.43): "schema",
+    b'{"photoId":{"$ne":null},"timestamp":"2026-01-17T13:20:00Z","location":[1,2],'
+    b'"storageUrl":"azure://bucket/a.jpg"}': "schema",
+    upload("bad-url", "2026-01-17T13:20:00Z", 81.77, 25.43).replace(
+        b"azure://photos/", b"azure://My_Bucket/"
+    ): "bad_storage_url",
+    b"\xff\xfe\x00": "not_utf8",
+}
+
+
+def test_each_malformed_kind_is_dead_lettered_with_reason_and_bytes(
+    resources, settings, kafka, mongo
+):
+    valid = [upload(f"ok-{i}", "2026-01-17T13:2%d:00Z" % i, 81.77, 25.43) for i in range(3)]
+    publish(kafka, settings.uploads_topic, [*MALFORMED, *valid], partition=0)
+    with instance_for_test() as instance:
+        Harness(instance, resources).drain()
+
+    letters = read_all(kafka, settings.dead_letter_topic)
+    assert len(letters) == len(MALFORMED)
+    by_value = {m.value(): dict(m.headers()) for m in letters}
+    for raw, code in MALFORMED.items():
+        headers = by_value[raw]
+        assert headers["snapmap.error.code"].decode() == code
+        assert headers["snapmap.error.reason"]
+        assert headers["snapmap.source.topic"].decode() == settings.uploads_topic
+        assert headers["snapmap.source.partition"] == b"0"
+    offsets = sorted(int(h["snapmap.source.offset"]) for h in by_value.values())
+    assert offsets == list(range(len(MALFORMED)))
+
+    db = mongo.db()
+    assert db.photos.count_documents({}) == 3
+    assert db.events.count_documents({}) == 1
+    assert committed(kafka, settings.uploads_topic) == {0: len(MALFORMED) + 3}
+
+
+def test_rerun_does_not_send_dead_letters_twice(resources, settings, kafka, mongo):
+    publish(kafka, settings.uploads_topic, [b"{bad", b"{worse"], partition=0)
+    with instance_for_test() as instance:
+        harness = Harness(instance, resources)
+        (request,) = harness.drain()
+        harness.execute(request)
+    assert len(read_all(kafka, settings.dead_letter_topic)) == 2
+
+
+def test_poison_photo_is_isolated_then_dead_lettered(resources, settings, kafka, mongo):
+    """A valid photo whose processing keeps failing: the rest of its batch is applied at once,
+    it fails the run until the attempt limit, then it is dead-lettered with its bytes."""
+    values = [
+        upload(f"crowd-{i:02d}", f"2026-01-17T13:{i:02d}:00Z", 81.77 + i * 0.001, 25.43)
+        for i in range(16)
+    ]
+    publish(kafka, settings.uploads_topic, values, partition=0)
+    with instance_for_test() as instance:
+        harness = Harness(instance, resources)
+        (request,) = harness.tick()
+        harness.execute(request)  # ingest, cluster, link normally
+
+    db = mongo.db()
+    db.photos.update_many({}, {"$set": {"eventId": None}})
+    db.events.delete_many({})
+    ids = sorted(d["_id"] for d in db.photos.find({}, {"_id": 1}))
+    params = ClusterParams()
+
+    def step(seed):
+        if "crowd-07" in seed:
+            raise ValueError("cannot cluster crowd-07")
+        return recluster(db, seed, params)
+
+    def dead_letter(letters):
+        from snapmap_pipeline.assets.events import with_original_bytes
+
+        return send_dead_letters(
+            db, kafka, settings.dead_letter_topic, with_original_bytes(kafka, letters)
+        )
+
+    for attempt in (1, 2):
+        with pytest.raises(ValueError, match="crowd-07"):
+            recluster_isolating_poison(db, ids, step, dead_letter, max_attempts=3)
+        apply_pending_links(db)
+        assert db.poison_attempts.find_one({"_id": "crowd-07"})["attempts"] == attempt
+    linked = {k for k, v in photo_events(db).items() if v}
+    assert linked == set(ids) - {"crowd-07"}
+
+    report, poisoned = recluster_isolating_poison(db, ids, step, dead_letter, max_attempts=3)
+    assert poisoned == ["crowd-07"]
+    (letter,) = read_all(kafka, settings.dead_letter_topic)
+    assert dict(letter.headers())["snapmap.error.code"] == b"processing_failed"
+    assert letter.value() == values[7]
+    assert db.photos.find_one({"_id": "crowd-07"})["deadLettered"] is True
+
+
+def test_offsets_commit_only_after_the_run_succeeds(resources, settings, kafka, mongo, unique):
+    """cases.md #15: a run that fails after writing leaves the group's offset where it was;
+    the retried run applies the batch and then commits."""
+    publish(kafka, settings.uploads_topic, [upload("m1", "2026-01-17T13:20:00Z", 1, 2)], 0)
+    broken = changed(settings, event_updates_topic=f"missing-topic-{unique}")
+    with instance_for_test() as instance:
+        harness = Harness(instance, {**resources, "settings": broken})
+        (request,) = harness.tick()
+        result = harness.execute(request, raise_on_error=False)
+        assert not result.success
+        assert committed(kafka, settings.uploads_topic) == {}
+        assert mongo.db().photos.find_one({"_id": "m1"})["eventId"]
+
+        harness.resources = resources
+        assert harness.execute(request).success
+    assert committed(kafka, settings.uploads_topic) == {0: 1}
+
+
+def test_read_range_never_commits(settings, kafka):
+    """cases.md #14: reading stores no offsets for the group."""
+    publish(kafka, settings.uploads_topic, [b"x"] * 10, partition=0)
+    messages, lost = kafka.read_range(OffsetRange(settings.uploads_topic, 0, 0, 9))
+    assert (len(messages), lost) == (10, 0)
+    assert committed(kafka, settings.uploads_topic) == {}
+
+
+def test_out_of_order_success_commits_only_the_contiguous_prefix(resources, settings, kafka, mongo):
+    values = [upload(f"o-{i}", f"2026-01-17T13:{i:02d}:00Z", i * 0.01, 0.0) for i in range(12)]
+    publish(kafka, settings.uploads_topic, values, partition=0)
+    small = changed(settings, max_messages_per_run=4)
+    with instance_for_test() as instance:
+        harness = Harness(instance, {**resources, "settings": small})
+        first, second, third = harness.tick()
+        harness.execute(third)
+        harness.execute(second)
+        assert committed(kafka, settings.uploads_topic) == {}
+        harness.execute(first)
+    assert committed(kafka, settings.uploads_topic) == {0: 12}
+
+
+def test_overlapping_runs_in_parallel_equal_serial(
+    resources, settings, kafka, mongo, unique, dagster_postgres_url
+):
+    """Two partitions' batches in the same neighbourhood, executed at the same time on a
+    PostgreSQL-backed instance, end like one serial pass."""
+    crowd = [
+        upload(
+            f"c-{i:03d}",
+            f"2026-01-17T13:{i // 4:02d}:{(i % 4) * 15:02d}Z",
+            81.7700 + (i % 7) * 4e-5,
+            25.4300 + (i % 5) * 4e-5,
+        )
+        for i in range(120)
+    ]
+    publish(kafka, settings.uploads_topic, crowd[0::2], partition=0)
+    publish(kafka, settings.uploads_topic, crowd[1::2], partition=1)
+    overrides = {"storage": {"postgres": {"postgres_url": dagster_postgres_url}}}
+    with instance_for_test(overrides=overrides) as instance:
+        harness = Harness(instance, resources)
+        requests = harness.tick()
+        assert len(requests) == 2
+        spawn = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(2, mp_context=spawn) as pool:
+            futures = [
+                pool.submit(
+                    execute_in_subprocess,
+                    instance.get_ref(),
+                    resource_specs(resources),
+                    r.run_config,
+                    r.tags,
+                )
+                for r in requests
+            ]
+            assert [f.result(timeout=300) for f in futures] == [True, True]
+        runs = instance.get_runs()
+        assert len(runs) == 2
+
+    parallel = photo_events(mongo.db())
+    serial_db = mongo.db().client[f"serial_{unique}"]
+    try:
+        from snapmap_pipeline.store.schema import ensure_schema
+
+        ensure_schema(serial_db)
+        serial_db.photos.insert_many(
+            list(mongo.db().photos.find({}, {"eventId": 0, "linkToken": 0}))
+        )
+        serial_db.photos.update_many({}, {"$set": {"eventId": None}})
+        recluster(serial_db, [d["_id"] for d in serial_db.photos.find({})], ClusterParams())
+        apply_pending_links(serial_db)
+        serial = photo_events(serial_db)
+    finally:
+        mongo.db().client.drop_database(f"serial_{unique}")
+    assert parallel == serial
+    assert len(groups(parallel)) >= 1
+    assert None not in parallel.values()
+
+
+def test_replay_from_an_old_offset_changes_nothing(resources, settings, kafka, mongo):
+    values = [upload(f"r-{i}", f"2026-01-17T13:{i:02d}:00Z", 81.77, 25.43) for i in range(8)]
+    publish(kafka, settings.uploads_topic, values, partition=2)
+    with instance_for_test() as instance:
+        harness = Harness(instance, resources)
+        harness.drain()
+        db = mongo.db()
+        before = (list(db.photos.find({}).sort("_id")), list(db.events.find({}).sort("_id")))
+        harness.cursor = '{"0": 0, "1": 0, "2": 0}'
+        kafka.commit_offset(settings.uploads_topic, 2, 0)
+        replays = harness.drain()
+    assert replays
+    assert (list(db.photos.find({}).sort("_id")), list(db.events.find({}).sort("_id"))) == before
+    assert committed(kafka, settings.uploads_topic)[2] == 8

@@ -1,0 +1,339 @@
+"""The sweeper's checks and the daily backfill, on the real local stack."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+
+import pytest
+from azure.core.exceptions import ResourceExistsError
+from dagster import AssetCheckSeverity, DefaultScheduleStatus, instance_for_test
+
+from snapmap_pipeline.assets.backfill import DAILY_PARTITIONS
+from snapmap_pipeline.clustering import ClusterParams
+from snapmap_pipeline.definitions import build_definitions, production_resources
+from snapmap_pipeline.jobs import INGEST_JOB_NAME, RECLUSTER_JOB_NAME, SWEEPER_JOB_NAME
+from snapmap_pipeline.resources.blob import BlobStorageResource
+from snapmap_pipeline.settings import PipelineSettings
+from snapmap_pipeline.store.events import apply_pending_links
+from snapmap_pipeline.store.recluster import recluster
+from tests.integration.pipeline import groups, live_events, photo_events
+from tests.integration.sweeper_data import (
+    backend_photo,
+    backfill,
+    canonical,
+    evaluations,
+    stored_state,
+    three_days,
+)
+
+pytestmark = pytest.mark.sweeper
+
+SWEEPER_CHECK_NAMES = {
+    "orphan_photos",
+    "event_photo_counts",
+    "tombstone_targets",
+    "storage_urls_exist",
+}
+
+
+def sweep(resources: dict, instance) -> dict:
+    """One sweeper run; its check evaluations by name."""
+    job = build_definitions(resources).resolve_job_def(SWEEPER_JOB_NAME)
+    result = job.execute_in_process(instance=instance)
+    assert result.success
+    return evaluations(result)
+
+
+def cluster_directly(db, photos: list[dict]) -> None:
+    """Store photos and cluster them the way a streaming run does (without Kafka)."""
+    db.photos.insert_many(photos)
+    recluster(db, [p["_id"] for p in photos], ClusterParams())
+    while apply_pending_links(db)[1]:
+        pass
+
+
+def test_definitions_wire_the_sweeper_and_the_backfill():
+    defs = build_definitions(production_resources())
+    sweeper = defs.resolve_job_def(SWEEPER_JOB_NAME)
+    assert set(sweeper.graph.node_names()) == {
+        "photo_event_links_orphan_photos",
+        "photo_event_links_storage_urls_exist",
+        "events_event_photo_counts",
+        "events_tombstone_targets",
+    }, "the sweeper runs its checks and materialises nothing"
+    assert sweeper.tags["snapmap/kind"] == "sweeper"
+    schedule = defs.resolve_schedule_def("sweeper_schedule")
+    assert schedule.cron_schedule == "*/10 * * * *"
+    assert schedule.default_status == DefaultScheduleStatus.RUNNING
+    assert schedule.job_name == SWEEPER_JOB_NAME
+    recluster_days = defs.resolve_job_def(RECLUSTER_JOB_NAME)
+    assert recluster_days.tags["snapmap/kind"] == "recluster"
+    assert recluster_days.partitions_def == DAILY_PARTITIONS
+
+
+def test_ingest_runs_do_not_run_the_sweeper():
+    """The sweeper's checks scan whole collections and heal orphans: they belong to the
+    scheduled sweeper, not to every micro-batch."""
+    ingest = build_definitions(production_resources()).resolve_job_def(INGEST_JOB_NAME)
+    names = set(ingest.graph.node_names())
+    assert not any(node.endswith(tuple(SWEEPER_CHECK_NAMES)) for node in names), names
+
+
+def test_orphan_photo_is_found_and_healed(resources, mongo):
+    db = mongo.db()
+    db.photos.insert_many(
+        [
+            backend_photo("orphan-a", "2026-06-06T15:00:00Z", 2.3522, 48.8566),
+            backend_photo("orphan-b", "2026-06-06T15:02:00Z", 2.35221, 48.8566),
+            backend_photo("fresh", "2026-06-06T15:01:00Z", 2.3522, 48.8566, uploaded_minutes_ago=1),
+        ]
+    )
+    with instance_for_test() as instance:
+        check = sweep(resources, instance)["orphan_photos"]
+
+    assert check.passed
+    assert check.metadata["orphans_found"].value == 2
+    assert check.metadata["orphans_healed"].value == 2
+    assert check.metadata["orphans_remaining"].value == 0
+    assert sorted(check.metadata["swept_examples"].value) == ["orphan-a", "orphan-b"]
+    assignment = photo_events(db)
+    assert assignment["orphan-a"] == assignment["orphan-b"] is not None
+    assert assignment["fresh"] is None, "a photo inside the grace period is left to streaming"
+    event = live_events(db)[assignment["orphan-a"]]
+    assert event["photoCount"] == 2
+    assert not event["publishPending"], "the healed event's update was published"
+
+
+def test_orphans_left_by_the_sweep_limit_fail_the_check_with_a_warning(resources, mongo, settings):
+    limited = PipelineSettings(**{**settings.model_dump(), "sweep_limit": 1})
+    db = mongo.db()
+    db.photos.insert_many(
+        [
+            backend_photo("first", "2026-06-06T15:00:00Z", 2.35, 48.85, uploaded_minutes_ago=90),
+            backend_photo("second", "2026-06-06T18:00:00Z", 2.45, 48.95, uploaded_minutes_ago=60),
+        ]
+    )
+    with instance_for_test() as instance:
+        check = sweep({**resources, "settings": limited}, instance)["orphan_photos"]
+
+    assert not check.passed
+    assert check.severity == AssetCheckSeverity.WARN
+    assert check.metadata["orphans_found"].value == 2
+    assert check.metadata["orphans_healed"].value == 1
+    assert check.metadata["orphans_remaining"].value == 1
+    assert check.metadata["remaining_examples"].value == ["second"]
+
+
+def test_event_photo_counts_fail_on_a_wrong_count_and_a_dangling_link(resources, mongo):
+    db = mongo.db()
+    cluster_directly(db, three_days())
+    with instance_for_test() as instance:
+        assert sweep(resources, instance)["event_photo_counts"].passed
+
+        lunch = photo_events(db)["lunch-05-0"]
+        db.events.update_one({"_id": lunch}, {"$set": {"photoCount": 99}})
+        db.photos.update_one({"_id": "lone-07"}, {"$set": {"eventId": "ev-nowhere"}})
+        check = sweep(resources, instance)["event_photo_counts"]
+
+    assert not check.passed
+    assert check.severity == AssetCheckSeverity.ERROR
+    assert check.metadata["dangling_links"].value == 1
+    # The wrong count, the dangling link, and lone-07's own event, now without its photo.
+    assert check.metadata["mismatches"].value == 3
+    examples = " ".join(check.metadata["examples"].value)
+    assert f"{lunch}: photoCount 99, 4 photos linked" in examples
+    assert "ev-nowhere: no such event, 1 photos link to it" in examples
+
+
+def test_tombstone_targets_fail_on_a_dead_end_and_a_loop(resources, mongo):
+    db = mongo.db()
+    cluster_directly(db, three_days())
+    live = photo_events(db)["lunch-06-0"]
+
+    def tombstone(event_id: str, merged_into: str) -> dict:
+        return {
+            "_id": event_id,
+            "mergedInto": merged_into,
+            "photoCount": 0,
+            "version": 2,
+            "centroid": {"type": "Point", "coordinates": [2.35, 48.85]},
+            "radiusM": 0.0,
+            "startAt": datetime(2026, 6, 6, tzinfo=UTC),
+            "endAt": datetime(2026, 6, 6, tzinfo=UTC),
+            "firstPhotoId": event_id,
+            "publishPending": False,
+            "manifestPending": False,
+        }
+
+    with instance_for_test() as instance:
+        db.events.insert_many([tombstone("ev-old", live), tombstone("ev-older", "ev-old")])
+        check = sweep(resources, instance)["tombstone_targets"]
+        assert check.passed, "a chain that ends at a live event is fine"
+        assert check.metadata["tombstones_checked"].value == 2
+
+        db.events.insert_many(
+            [
+                tombstone("ev-dead-end", "ev-missing"),
+                tombstone("ev-loop-a", "ev-loop-b"),
+                tombstone("ev-loop-b", "ev-loop-a"),
+            ]
+        )
+        check = sweep(resources, instance)["tombstone_targets"]
+
+    assert not check.passed
+    assert check.severity == AssetCheckSeverity.ERROR
+    assert check.metadata["broken_tombstones"].value == 3
+    examples = check.metadata["examples"].value
+    assert "ev-dead-end: mergedInto ev-missing does not exist" in examples
+    assert any(line.startswith("ev-loop-a: mergedInto chain loops back") for line in examples)
+
+
+@pytest.fixture
+def photo_container(blob: BlobStorageResource, unique: str):
+    """A container of photo blobs for this test, deleted afterwards."""
+    name = f"photos-{unique}"
+    with blob.service() as client:
+        try:
+            client.create_container(name)
+        except ResourceExistsError:
+            pass
+        yield client.get_container_client(name)
+        client.delete_container(name)
+
+
+def test_storage_check_warns_on_missing_blobs_and_reports_errors_apart(
+    resources, mongo, blob, photo_container, unique
+):
+    photo_container.upload_blob("there.jpg", b"jpeg bytes")
+    db = mongo.db()
+    container = photo_container.container_name
+    db.photos.insert_many(
+        [
+            backend_photo(
+                "there",
+                "2026-06-06T15:00:00Z",
+                2.35,
+                48.85,
+                storage_url=f"azure://{container}/there.jpg",
+            ),
+            backend_photo(
+                "gone",
+                "2026-06-06T15:01:00Z",
+                2.35,
+                48.85,
+                storage_url=f"azure://{container}/missing.jpg",
+            ),
+            backend_photo(
+                "no-container",
+                "2026-06-06T15:02:00Z",
+                2.35,
+                48.85,
+                storage_url=f"azure://nothing-{unique}/a.jpg",
+            ),
+        ]
+    )
+    with instance_for_test() as instance:
+        check = sweep(resources, instance)["storage_urls_exist"]
+        assert not check.passed
+        assert check.severity == AssetCheckSeverity.WARN
+        assert check.metadata["sampled"].value == 3
+        assert check.metadata["present"].value == 1
+        assert check.metadata["missing"].value == 2
+        assert check.metadata["errors"].value == 0
+        assert sorted(check.metadata["missing_examples"].value) == ["gone", "no-container"]
+        assert db.photos.find_one({"_id": "gone"})["blobStatus"] == "missing"
+        assert "blobStatus" not in db.photos.find_one({"_id": "there"})
+
+        # A wrong account key: Azurite answers 403, which is an error, never "missing".
+        wrong_key = BlobStorageResource(
+            connection_string=_with_account_key(blob.connection_string, "d3Jvbmcga2V5"),
+            manifest_container=blob.manifest_container,
+            retries=0,
+        )
+        db.photos.update_many({}, {"$unset": {"blobStatus": ""}})
+        check = sweep({**resources, "blob": wrong_key}, instance)["storage_urls_exist"]
+
+    assert not check.passed
+    assert check.severity == AssetCheckSeverity.WARN
+    assert check.metadata["errors"].value == 3
+    assert check.metadata["missing"].value == 0
+    assert "could not be checked" in check.description
+    assert db.photos.count_documents({"blobStatus": {"$exists": True}}) == 0
+
+
+def _with_account_key(connection_string: str, key: str) -> str:
+    parts = [p for p in connection_string.split(";") if p and not p.startswith("AccountKey=")]
+    return ";".join([*parts, f"AccountKey={key}"])
+
+
+def test_three_days_backfilled_in_any_order_equal_one_canonical_pass(resources, mongo):
+    db = mongo.db()
+    db.photos.insert_many(three_days())
+    days = ["2026-06-05", "2026-06-06", "2026-06-07"]
+    random.Random(20260606).shuffle(days)
+    with instance_for_test() as instance:
+        results = backfill(instance, resources, days, chunk_size=3)
+        first = stored_state(db)
+
+        assignment = photo_events(db)
+        expected = canonical(db)
+        assert all(assignment.values()), "every photo has an event"
+        assert assignment == expected.assignment
+        assert groups(assignment) == groups(expected.assignment)
+        live = live_events(db)
+        assert set(live) == set(expected.events)
+        assert {e: d["photoCount"] for e, d in live.items()} == {
+            e: ev.photo_count for e, ev in expected.events.items()
+        }
+        assert all(d["photoCount"] > 0 for d in live.values()), "no empty live event"
+        party = {assignment[f"party-{i}"] for i in range(6)}
+        assert len(party) == 1, "the party across midnight is one event"
+        assert assignment["late-0"] == assignment["late-1"]
+
+        metadata = results[0].asset_materializations_for_node("daily_events")[0].metadata
+        assert metadata["radius_m"].value == 50.0
+        assert metadata["window_s"].value == 300.0
+        assert metadata["chunks"].value >= 2
+        assert metadata["event_sizes"].value.startswith("![event sizes")
+        run = instance.get_run_by_id(results[0].run_id)
+        assert run.tags["snapmap/radius_m"] == "50"
+        assert run.tags["snapmap/window_s"] == "300"
+
+        # Twice, in another order, one day twice (a backfill that launched it again): nothing
+        # changes, not even a version or a link token.
+        again = backfill(instance, resources, [days[2], days[0], days[1], days[1]])
+    assert stored_state(db) == first
+    for result in again:
+        metadata = result.asset_materializations_for_node("daily_events")[0].metadata
+        assert metadata["events_created"].value == 0
+        assert metadata["events_changed"].value == 0
+        assert metadata["events_tombstoned"].value == 0
+
+
+def test_partitions_are_utc_days_across_the_dst_change(resources, mongo):
+    """cases.md #30: 23:30Z on March 28 is 00:30 in Berlin on the DST day, but the pipeline's
+    days are UTC days, so it belongs to 2026-03-28."""
+    before = datetime(2026, 3, 28, 23, 30, tzinfo=UTC)
+    after = datetime(2026, 3, 29, 22, 30, tzinfo=UTC)
+    assert DAILY_PARTITIONS.timezone == "UTC"
+    assert DAILY_PARTITIONS.get_partition_key_for_timestamp(before.timestamp()) == "2026-03-28"
+    assert DAILY_PARTITIONS.get_partition_key_for_timestamp(after.timestamp()) == "2026-03-29"
+    window = DAILY_PARTITIONS.time_window_for_partition_key("2026-03-29")
+    assert window.start == datetime(2026, 3, 29, tzinfo=UTC)
+    assert (window.end - window.start).total_seconds() == 24 * 3600
+
+    db = mongo.db()
+    db.photos.insert_many(
+        [
+            backend_photo("berlin-1", "2026-03-28T23:30:00Z", 13.4050, 52.5200),
+            backend_photo("berlin-2", "2026-03-29T22:30:00Z", 13.4050, 52.5200),
+        ]
+    )
+    with instance_for_test() as instance:
+        (result,) = backfill(instance, resources, ["2026-03-28"])
+    metadata = result.asset_materializations_for_node("daily_events")[0].metadata
+    assert metadata["seed_photos"].value == 1
+    assignment = photo_events(db)
+    assert assignment["berlin-1"] is not None
+    assert assignment["berlin-2"] is None
