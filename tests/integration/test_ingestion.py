@@ -66,7 +66,7 @@ MALFORMED = {
 def test_each_malformed_kind_is_dead_lettered_with_reason_and_bytes(
     resources, settings, kafka, mongo
 ):
-    valid = [upload(f"ok-{i}", "2026-01-17T13:2%d:00Z" % i, 81.77, 25.43) for i in range(3)]
+    valid = [upload(f"ok-{i}", f"2026-01-17T13:2{i}:00Z", 81.77, 25.43) for i in range(3)]
     publish(kafka, settings.uploads_topic, [*MALFORMED, *valid], partition=0)
     with instance_for_test() as instance:
         Harness(instance, resources).drain()
