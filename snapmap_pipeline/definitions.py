@@ -6,7 +6,13 @@ read from the environment at import.
 
 from __future__ import annotations
 
-from dagster import AssetSelection, Definitions, EnvVar, define_asset_job
+from dagster import (
+    AssetSelection,
+    Definitions,
+    EnvVar,
+    define_asset_job,
+    in_process_executor,
+)
 
 from snapmap_pipeline.assets.backfill import daily_events, recluster_days_job
 from snapmap_pipeline.assets.events import (
@@ -31,6 +37,9 @@ ingest_job = define_asset_job(
     selection=AssetSelection.assets(*STREAMING_ASSETS).without_checks(),
     description="One micro-batch of photo-uploads, from its offset range to committed offsets.",
     tags={"snapmap/kind": "ingest"},
+    # One process per run, not per step: a micro-batch's steps are short, and a process per
+    # step would cost more start-up than work.
+    executor_def=in_process_executor,
 )
 
 

@@ -4,6 +4,7 @@
 from dagster import AssetExecutionContext, MaterializeResult, Output, asset
 
 from snapmap_pipeline.assets.ingest import OWNERS, IngestedBatch
+from snapmap_pipeline.assets.plots import event_map
 from snapmap_pipeline.resources.blob import BlobStorageResource
 from snapmap_pipeline.resources.kafka import KafkaResource, OffsetRange
 from snapmap_pipeline.resources.mongo import MongoResource
@@ -79,7 +80,10 @@ def events(
     )
     if poisoned:
         context.log.error("dead-lettered poison photos after repeated failures: %s", poisoned)
-    metadata = report_metadata(report, settings) | {"poison_dead_lettered": len(poisoned)}
+    metadata = report_metadata(report, settings) | {
+        "poison_dead_lettered": len(poisoned),
+        "event_map": event_map(db, photo_uploads.photo_ids),
+    }
     return Output(report, metadata=metadata)
 
 

@@ -41,11 +41,11 @@ from snapmap_pipeline.resources.blob import BlobStorageResource
 from snapmap_pipeline.resources.kafka import KafkaResource
 from snapmap_pipeline.resources.mongo import MongoResource
 from snapmap_pipeline.settings import PipelineSettings
-from snapmap_pipeline.store.dead_letters import send_dead_letters
+from snapmap_pipeline.store.dead_letters import DeadLetter, send_dead_letters
 from snapmap_pipeline.store.lease import clustering_lease
 from snapmap_pipeline.store.photos import orphan_ids
 from snapmap_pipeline.store.poison import recluster_isolating_poison
-from snapmap_pipeline.store.recluster import recluster
+from snapmap_pipeline.store.recluster import ReclusterReport, recluster
 
 EXAMPLES = 10
 # Tombstone chains longer than this are reported: merges of merges are rare and short.
@@ -91,10 +91,10 @@ def sweep_orphans(
     if sweep.swept:
         params = settings.cluster_params()
 
-        def step(ids: Sequence[str]):
+        def step(ids: Sequence[str]) -> ReclusterReport:
             return recluster(db, ids, params)
 
-        def dead_letter(letters):
+        def dead_letter(letters: list[DeadLetter]) -> int:
             return send_dead_letters(
                 db, kafka, settings.dead_letter_topic, with_original_bytes(kafka, letters)
             )

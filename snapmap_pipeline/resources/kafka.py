@@ -12,15 +12,17 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from dagster import ConfigurableResource
 from pydantic import Field
+
+T = TypeVar("T")
 
 # librdkafka's value for "no offset committed for this group and partition".
 _OFFSET_INVALID = -1001
@@ -181,25 +183,39 @@ class KafkaResource(ConfigurableResource):
         self, consumer: Consumer, topic: str, partitions: Sequence[int]
     ) -> dict[int, int]:
         """The consumer group's committed next offset per partition (absent when none)."""
-        try:
-            found = consumer.committed(
+        found = self._retrying(
+            f"committed offsets of {topic}",
+            lambda: consumer.committed(
                 [TopicPartition(topic, p) for p in partitions], timeout=self.timeout_s
-            )
-        except KafkaException as error:
-            raise KafkaUnavailable(f"committed offsets of {topic}: {error}") from error
+            ),
+        )
         return {tp.partition: tp.offset for tp in found if tp.offset != _OFFSET_INVALID}
+
+    def _retrying(self, what: str, call: Callable[[], T]) -> T:
+        """Run ``call``, retrying errors the broker marks retriable (a group coordinator still
+        loading, a leader moving) with backoff for up to ``timeout_s``; anything else, or a
+        retriable error that outlasts the budget, raises ``KafkaUnavailable``."""
+        deadline = time.monotonic() + self.timeout_s
+        delay = 0.1
+        while True:
+            try:
+                return call()
+            except KafkaException as error:
+                retriable = error.args and error.args[0].retriable()
+                if not retriable or time.monotonic() + delay > deadline:
+                    raise KafkaUnavailable(f"{what}: {error}") from error
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def commit_offset(self, topic: str, partition: int, next_offset: int) -> None:
         """Commit ``next_offset`` for the consumer group, synchronously."""
         with self.consumer() as consumer:
-            try:
-                consumer.commit(
+            self._retrying(
+                f"commit {topic}/{partition}@{next_offset}",
+                lambda: consumer.commit(
                     offsets=[TopicPartition(topic, partition, next_offset)], asynchronous=False
-                )
-            except KafkaException as error:
-                raise KafkaUnavailable(
-                    f"commit {topic}/{partition}@{next_offset}: {error}"
-                ) from error
+                ),
+            )
 
     def read_range(self, offsets: OffsetRange) -> tuple[list[Message], int]:
         """Read exactly ``offsets`` with assign + seek, so a re-executed run reads the same

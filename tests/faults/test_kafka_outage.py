@@ -1,0 +1,102 @@
+"""The Kafka broker goes away in the middle of a run and between sensor ticks, then comes back.
+
+The run fails with ``KafkaUnavailable`` in bounded time, the group's offset does not move, a
+tick during the outage raises a clean error well inside the sensor time limit, and once the
+broker is back the same run request applies the batch and commits exactly its range.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from dagster import instance_for_test
+
+from snapmap_pipeline.resources.kafka import KafkaResource, KafkaUnavailable, OffsetRange
+from tests.faults.conftest import (
+    assert_end_state,
+    committed,
+    error_classes,
+    event_updates_by_event,
+    stack,
+    stopped,
+    wait_for_group_coordinator,
+)
+from tests.integration.pipeline import Harness, live_events, publish, upload
+
+pytestmark = [pytest.mark.faults, pytest.mark.kafka, pytest.mark.slow]
+
+
+class BrokerStopsAfterRead(KafkaResource):
+    """Reads its batch, then the broker is stopped: every later Kafka call of the run meets
+    the outage (dead letters, event-updates, the commit)."""
+
+    def read_range(self, offsets: OffsetRange):
+        read = super().read_range(offsets)
+        stack("stop", "kafka")
+        return read
+
+
+def crowd(count: int) -> list[bytes]:
+    return [
+        upload(
+            f"k-{i:03d}",
+            f"2026-03-01T10:{i // 4:02d}:{(i % 4) * 15:02d}Z",
+            13.4050 + (i % 3) * 0.002,
+            52.5200,
+        )
+        for i in range(count)
+    ]
+
+
+def test_broker_stopped_mid_run_then_restarted(resources, settings, kafka, mongo, blob):
+    values = crowd(30)
+    publish(kafka, settings.uploads_topic, values, partition=0)
+    db = mongo.db()
+    short = kafka.model_dump() | {"timeout_s": 3.0}
+    with instance_for_test() as instance:
+        harness = Harness(instance, resources)
+        (request,) = harness.tick()
+        cursor_before_outage = harness.cursor
+
+        harness.resources = {**resources, "kafka": BrokerStopsAfterRead(**short)}
+        with stopped("kafka", now=False):
+            started = time.monotonic()
+            failed = harness.execute(request, raise_on_error=False)
+            assert not failed.success
+            assert "KafkaUnavailable" in error_classes(failed)
+            assert time.monotonic() - started < 45, "a run meeting a dead broker must fail fast"
+            # MongoDB got the batch before the outage stopped publishing and the commit: the
+            # photos are linked and the event updates wait in the outbox.
+            assert db.photos.count_documents({"eventId": {"$ne": None}}) == len(values)
+            assert db.events.count_documents({"publishPending": True}) > 0
+            assert db.batches.count_documents({}) == 0
+
+            # A tick during the outage, with the resource's own timeout (the fixture's 10 s).
+            harness.resources = resources
+            started = time.monotonic()
+            with pytest.raises(KafkaUnavailable):
+                harness.tick()
+            assert time.monotonic() - started < 20, "a tick against a dead broker took too long"
+            assert harness.cursor == cursor_before_outage
+
+            # The run retried while the broker is still down fails at its first read.
+            harness.resources = {**resources, "kafka": KafkaResource(**short)}
+            started = time.monotonic()
+            again = harness.execute(request, raise_on_error=False)
+            assert not again.success
+            assert "KafkaUnavailable" in error_classes(again)
+            assert time.monotonic() - started < 30
+
+        wait_for_group_coordinator(kafka, settings.uploads_topic)
+        assert committed(kafka, settings.uploads_topic) == {}
+        harness.resources = resources
+        assert harness.execute(request).success
+        assert harness.tick() == [], "the sensor re-requested offsets after the outage"
+
+    assert committed(kafka, settings.uploads_topic) == {0: len(values)}
+    assert_end_state(kafka, db, blob, settings)
+    announced = event_updates_by_event(kafka, settings.event_updates_topic)
+    for event_id, event in live_events(db).items():
+        assert announced[event_id][-1] == event["version"]
+    assert db.events.count_documents({"publishPending": True}) == 0
