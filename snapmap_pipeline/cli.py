@@ -20,7 +20,6 @@ import logging
 import re
 import sys
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -61,13 +60,9 @@ class ConfigProblem(RuntimeError):
 def resources_from_env() -> Iterator[Resources]:
     """The code location's resources with their ``EnvVar``s resolved from the environment
     (their setup and teardown run as in a run, so clients are closed on exit)."""
-    from dagster import BetaWarning, DagsterInvalidConfigError, build_resources
+    from dagster import DagsterInvalidConfigError, build_resources
 
-    # The command needs only the resources; the code location's notes about beta Dagster
-    # features it uses are for the code location's logs, not for this command's stderr.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", BetaWarning)
-        from snapmap_pipeline.definitions import production_resources
+    from snapmap_pipeline.definitions import production_resources
 
     with ExitStack() as stack:
         try:

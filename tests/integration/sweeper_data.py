@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from dagster import AssetCheckEvaluation, DagsterInstance, materialize
 
@@ -112,7 +113,6 @@ def cli_env(database: str, **extra: str) -> dict[str, str]:
     """The environment `scripts/env.sh` gives the command, pointed at a test's database."""
     env = {
         **os.environ,
-        "PYTHONPATH": str(ROOT),
         "KAFKA_BOOTSTRAP_SERVERS": stack_setting("KAFKA_BOOTSTRAP_SERVERS"),
         "MONGODB_URI": stack_setting("MONGODB_URI"),
         "AZURE_STORAGE_CONNECTION_STRING": stack_setting("AZURE_STORAGE_CONNECTION_STRING"),
@@ -134,9 +134,11 @@ def cli_env(database: str, **extra: str) -> dict[str, str]:
 
 
 def snapmap(args: Sequence[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """Run the ``snapmap`` command (its ``main``, as the console script does)."""
+    """Run the ``snapmap`` console script that ``make setup`` installs beside this Python."""
+    command = Path(sys.executable).with_name("snapmap")
+    assert command.is_file(), f"{command} is missing: install the project (make setup)"
     return subprocess.run(
-        [sys.executable, "-m", "snapmap_pipeline.cli", *args],
+        [str(command), *args],
         env=env,
         cwd=ROOT,
         capture_output=True,
