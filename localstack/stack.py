@@ -460,6 +460,9 @@ class Kafka(Service):
             "min.insync.replicas": "1",
             # One broker: the internal topics cannot have more than one replica.
             "offsets.topic.replication.factor": "1",
+            # One partition for the group-offsets topic: on a fresh broker the group
+            # coordinator is ready in a second instead of after creating 50 partitions.
+            "offsets.topic.num.partitions": "1",
             "transaction.state.log.replication.factor": "1",
             "transaction.state.log.min.isr": "1",
             # Topics are created by this script with their partition counts; a typo in a
@@ -567,9 +570,11 @@ class Kafka(Service):
     def after_start(self) -> str:
         existing = self.list_topics()
         missing = [(name, n) for name, n in KAFKA_TOPICS if name not in existing]
+        client = kafka_python_client()
+        if client is not None:
+            self._wait_for_group_coordinator(client)
         if not missing:
             return ""
-        client = kafka_python_client()
         if client is None:
             for name, partitions in missing:
                 self._topic_command(
@@ -585,6 +590,25 @@ class Kafka(Service):
         else:
             self._create_topics(client, missing)
         return "created topics " + ", ".join(name for name, _ in missing)
+
+    def _wait_for_group_coordinator(self, client, limit_s: float = 90.0) -> None:
+        """The broker answers metadata before its group coordinator has loaded; the pipeline
+        commits offsets from its first run, so `up` is ready only once a group answers."""
+        consumer = client.Consumer(
+            {"bootstrap.servers": f"{HOST}:{self.cfg.kafka_port}", "group.id": "snapmap-stack"}
+        )
+        deadline = time.monotonic() + limit_s
+        try:
+            while True:
+                try:
+                    consumer.committed([client.TopicPartition("__stack_probe", 0)], timeout=5)
+                    return
+                except client.KafkaException as exc:
+                    if time.monotonic() > deadline:
+                        raise StackError(f"kafka: group coordinator not ready: {exc}") from None
+                    time.sleep(0.5)
+        finally:
+            consumer.close()
 
     def _create_topics(self, client, topics: list[tuple[str, int]]) -> None:
         from confluent_kafka.admin import AdminClient, NewTopic
