@@ -47,6 +47,14 @@ class CommitGate(KafkaResource):
         raise AssertionError("the test should have killed this run at its commit")
 
 
+def execute_after(go: str, *args) -> bool:
+    """Child process: imports done (spawn imports this module first), wait for ``go`` to exist,
+    then execute the run. Lets the next child load while the previous one runs."""
+    while not Path(go).exists():
+        time.sleep(0.05)
+    return execute_in_subprocess(*args)
+
+
 def wait_for(condition, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -57,8 +65,12 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
 
 def wedding(count: int) -> list[bytes]:
     return [
-        upload(f"w-{i:03d}", f"2026-06-20T16:{i // 3:02d}:{(i % 3) * 20:02d}Z",
-               -9.1393 + (i % 4) * 2e-5, 38.7223 + (i % 5) * 2e-5)
+        upload(
+            f"w-{i:03d}",
+            f"2026-06-20T16:{i // 3:02d}:{(i % 3) * 20:02d}Z",
+            -9.1393 + (i % 4) * 2e-5,
+            38.7223 + (i % 5) * 2e-5,
+        )
         for i in range(count)
     ]
 
@@ -79,11 +91,11 @@ def test_killed_before_commit_then_rerun(
         harness = Harness(instance, resources)
         (request,) = harness.tick()
 
-        def child(gate: Path):
+        def child(gate: Path, go: Path):
             gated = CommitGate(**kafka.model_dump(), gate=str(gate))
             specs = resource_specs({**resources, "kafka": gated})
-            args = (instance.get_ref(), specs, request.run_config, request.tags)
-            process = spawn.Process(target=execute_in_subprocess, args=args, daemon=True)
+            args = (str(go), instance.get_ref(), specs, request.run_config, request.tags)
+            process = spawn.Process(target=execute_after, args=args, daemon=True)
             process.start()
             return process
 
@@ -91,31 +103,36 @@ def test_killed_before_commit_then_rerun(
             lease = watcher.leases.find_one({"_id": "clustering"}) or {}
             return lease.get("holder") is None
 
-        # Kill 1: events are written and the clustering lease is released; links, event
-        # updates and manifests may or may not be done.
-        process = child(tmp_path / "gate-1")
-        try:
-            wait_for(lambda: watcher.events.count_documents({}) > 0 and lease_free(), 120,
-                     "events written by the child")
-            process.kill()
-            process.join(30)
-        finally:
-            if process.is_alive():
-                process.kill()
-        assert process.exitcode == -9
-        assert committed(kafka, settings.uploads_topic) == {}
-
-        # Kill 2: every write is done and the batch is recorded; the commit is next.
+        # Both children start now; the second loads while the first runs, and runs when the
+        # first was killed.
+        first = child(tmp_path / "gate-1", tmp_path / "go-1")
         gate = tmp_path / "gate-2"
-        process = child(gate)
+        second = child(gate, tmp_path / "go-2")
         try:
-            wait_for(gate.exists, 120, "the child's commit")
-            process.kill()
-            process.join(30)
+            # Kill 1: events are written and the clustering lease is released; links, event
+            # updates and manifests may or may not be done.
+            (tmp_path / "go-1").touch()
+            wait_for(
+                lambda: watcher.events.count_documents({}) > 0 and lease_free(),
+                120,
+                "events written by the first child",
+            )
+            first.kill()
+            first.join(30)
+            assert first.exitcode == -9
+            assert committed(kafka, settings.uploads_topic) == {}
+
+            # Kill 2: every write is done and the batch is recorded; the commit is next.
+            (tmp_path / "go-2").touch()
+            wait_for(gate.exists, 120, "the second child's commit")
+            second.kill()
+            second.join(30)
+            assert second.exitcode == -9
         finally:
-            if process.is_alive():
-                process.kill()
-        assert process.exitcode == -9
+            for process in (first, second):
+                if process.is_alive():
+                    process.kill()
+                    process.join(30)
         assert committed(kafka, settings.uploads_topic) == {}
         assert db.batches.count_documents({"status": "applied"}) == 1
         events_before_rerun = sorted(db.events.find({}), key=lambda e: e["_id"])
