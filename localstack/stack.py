@@ -104,11 +104,11 @@ class Config:
         root = Path(env.get("SNAPMAP_STACK_DIR") or PROJECT / ".stack").expanduser()
         return cls(
             root=root.resolve(),
-            kafka_port=_port(env, "SNAPMAP_KAFKA_PORT", 39092),
-            kafka_controller_port=_port(env, "SNAPMAP_KAFKA_CONTROLLER_PORT", 39093),
+            kafka_port=_port(env, "SNAPMAP_KAFKA_PORT", 29092),
+            kafka_controller_port=_port(env, "SNAPMAP_KAFKA_CONTROLLER_PORT", 29093),
             azurite_port=_port(env, "SNAPMAP_AZURITE_PORT", 30000),
-            postgres_port=_port(env, "SNAPMAP_POSTGRES_PORT", 35432),
-            mongo_port=_port(env, "SNAPMAP_MONGO_PORT", 37017),
+            postgres_port=_port(env, "SNAPMAP_POSTGRES_PORT", 25432),
+            mongo_port=_port(env, "SNAPMAP_MONGO_PORT", 27317),
         )
 
     @property
@@ -147,7 +147,25 @@ def _port(env: dict[str, str], name: str, default: int) -> int:
         return default
     if not raw.isdigit() or not 1 <= int(raw) <= 65535:
         raise StackError(f"{name}={raw!r} is not a TCP port number")
-    return int(raw)
+    port = int(raw)
+    low, high = _ephemeral_range()
+    if low <= port <= high:
+        # A client reconnecting to a stopped server can be handed that server's port as its
+        # own source port; the server then cannot bind it again until the socket times out.
+        raise StackError(
+            f"{name}={port} is inside this machine's ephemeral port range {low}-{high}; "
+            f"pick a port below {low} (or above {high})"
+        )
+    return port
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """Linux's range for source ports (``net.ipv4.ip_local_port_range``), or IANA's elsewhere."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
 
 
 # --------------------------------------------------------------------------- helpers

@@ -1,7 +1,7 @@
 """Check a MongoDB-compatible server for exactly what the SnapMap pipeline relies on.
 
 Usage:
-    python localstack/mongo/probe.py mongodb://127.0.0.1:37017 [--docs 100000] [--ops 10000]
+    python localstack/mongo/probe.py mongodb://127.0.0.1:27317 [--docs 100000] [--ops 10000]
         [--db snapmap_probe] [--json results.json]
 
 Each check runs against its own collection in a throwaway database (dropped at the start

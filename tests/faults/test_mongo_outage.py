@@ -73,9 +73,7 @@ class StopWhenLinksQueued(threading.Thread):
             self.client.close()
 
 
-def test_server_stopped_during_writes_then_restarted(
-    resources, settings, kafka, mongo, blob
-):
+def test_server_stopped_during_writes_then_restarted(resources, settings, kafka, mongo, blob):
     values = city(MESSAGES - len(BAD))
     for position, bad in zip((7, 400, 999, 1500, 1990), BAD, strict=True):
         values.insert(position, bad)

@@ -94,9 +94,7 @@ def test_failed_ticks_leave_cursor_and_offsets_untouched(resources, settings, ka
     "slow broker the same first partitions use the budget every tick and later ones are never "
     "planned (reported in docs/reliability.md)",
 )
-def test_slow_broker_is_cut_by_the_tick_budget_and_no_partition_starves(
-    resources, settings, kafka
-):
+def test_slow_broker_is_cut_by_the_tick_budget_and_no_partition_starves(resources, settings, kafka):
     for partition in range(3):
         publish(kafka, settings.uploads_topic, [b"{}"] * 2, partition=partition)
     slow = {

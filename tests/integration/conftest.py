@@ -25,16 +25,25 @@ def settings(unique: str) -> PipelineSettings:
 
 
 @pytest.fixture
-def kafka(unique: str, settings: PipelineSettings) -> KafkaResource:
+def kafka(unique: str, settings: PipelineSettings) -> Iterator[KafkaResource]:
     resource = KafkaResource(
         bootstrap_servers=stack_setting("KAFKA_BOOTSTRAP_SERVERS"),
         consumer_group=f"snapmap-test-{unique}",
         timeout_s=10.0,
     )
-    resource.ensure_topics(
-        {settings.uploads_topic: 3, settings.dead_letter_topic: 1, settings.event_updates_topic: 3}
-    )
-    return resource
+    topics = {
+        settings.uploads_topic: 3,
+        settings.dead_letter_topic: 1,
+        settings.event_updates_topic: 3,
+    }
+    resource.ensure_topics(topics)
+    yield resource
+    # Left behind, every test's partitions would slow each later restart of the shared broker.
+    for future in resource.admin().delete_topics(list(topics), operation_timeout=10).values():
+        try:
+            future.result(timeout=15)
+        except Exception:  # noqa: BLE001 - a topic a test already deleted, or a stopped broker
+            pass
 
 
 @pytest.fixture
