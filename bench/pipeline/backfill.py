@@ -1,0 +1,233 @@
+"""Backfill (issue 7, part 4): recluster one stored day through the daily partition
+(``recluster_days`` job, partition 2026-01-17) and compare with the ceiling measured in the
+same run on the same documents.
+
+Per repetition, on a fresh database: the simulator's seeded day of ``--photos`` photos is
+stored the way ingestion stores it (``insert_many``, not timed); then
+
+- ``limit``: read every photo of the day (clustering projection, ``takenAt`` order, chunks of
+  50,000), write one document per event of the canonical result into a scratch collection and
+  set a scratch field on every photo, in unordered bulks of 1,000: the same reads and writes of
+  the same documents, with no pipeline around them (the clustering itself is not timed);
+- ``backfill``: one run of the daily partition in a child process (its own Dagster instance),
+  timed from launch to exit, with the child's peak RSS (``ru_maxrss``) and the run's step
+  seconds.
+
+Run: ``python -m bench.pipeline.backfill --photos 100000 --repeat 3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import time
+from datetime import timedelta
+
+from pymongo import InsertOne, UpdateOne
+
+from bench.pipeline.common import DAY_END, emit, isolated_stack, machine, median
+from snapmap_pipeline.clustering import ClusterParams, PhotoPoint, canonical_pass
+from snapmap_pipeline.simulator.generator import StreamConfig, generate_stream
+from snapmap_pipeline.store.geocell import cell_of
+
+PARTITION = (DAY_END - timedelta(days=1)).date().isoformat()
+BULK = 1000
+PROJECTION = {"location": 1, "takenAt": 1, "eventId": 1, "cell": 1}
+
+
+def store_day(db, photos: int, seed: int) -> int:
+    """Store the day's photos as ingestion leaves them (no eventId yet)."""
+    config = StreamConfig(end=DAY_END, photos=photos, seed=seed)
+    documents = {}
+    for record in generate_stream(config):
+        if record.stores_photo and record.photo is not None:
+            photo = record.photo
+            documents[photo.photo_id] = {
+                "_id": photo.photo_id,
+                "location": {"type": "Point", "coordinates": [photo.lon, photo.lat]},
+                "cell": cell_of(photo.lon, photo.lat),
+                "takenAt": photo.taken_at,
+                "storageUrl": photo.storage_url,
+                "uploadedAt": record.publish_at,
+                "eventId": None,
+            }
+    values = list(documents.values())
+    for start in range(0, len(values), 5000):
+        db.photos.bulk_write([InsertOne(d) for d in values[start : start + 5000]], ordered=False)
+    return len(values)
+
+
+def measure_limit(db) -> dict:
+    start_day, end_day = DAY_END - timedelta(days=1), DAY_END
+    started = time.perf_counter()
+    documents = []
+    after = None
+    while True:
+        query: dict = {"takenAt": {"$gte": start_day, "$lt": end_day}}
+        if after is not None:
+            query["takenAt"]["$gt"] = after
+        chunk = list(db.photos.find(query, PROJECTION).sort("takenAt", 1).limit(50_000))
+        documents += chunk
+        if len(chunk) < 50_000:
+            break
+        after = chunk[-1]["takenAt"]
+    read_s = time.perf_counter() - started
+
+    points = [PhotoPoint(d["_id"], d["takenAt"], *d["location"]["coordinates"]) for d in documents]
+    result = canonical_pass(points, ClusterParams())
+
+    started = time.perf_counter()
+    events = [
+        UpdateOne(
+            {"_id": e.event_id},
+            {
+                "$set": {
+                    "centroid": {"type": "Point", "coordinates": [e.lon, e.lat]},
+                    "radiusM": e.radius_m,
+                    "startAt": e.start_at,
+                    "endAt": e.end_at,
+                    "photoCount": e.photo_count,
+                    "firstPhotoId": e.first_photo_id,
+                    "version": 1,
+                }
+            },
+            upsert=True,
+        )
+        for e in result.events.values()
+    ]
+    for start in range(0, len(events), BULK):
+        db.limit_events.bulk_write(events[start : start + BULK], ordered=False)
+    event_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    links = [
+        UpdateOne({"_id": photo_id}, {"$set": {"limitEventId": event_id}})
+        for photo_id, event_id in result.assignment.items()
+    ]
+    for start in range(0, len(links), BULK):
+        db.photos.bulk_write(links[start : start + BULK], ordered=False)
+    link_s = time.perf_counter() - started
+    db.limit_events.drop()
+    total = read_s + event_s + link_s
+    return {
+        "photos": len(documents),
+        "events": len(events),
+        "read_s": round(read_s, 2),
+        "event_write_s": round(event_s, 2),
+        "photo_write_s": round(link_s, 2),
+        "total_s": round(total, 2),
+        "photos_per_s": len(documents) / total,
+    }
+
+
+def _child(specs: dict, chunk_size: int, profile: str | None, pipe) -> None:
+    """Run the daily partition in this process; report seconds, peak RSS and metadata."""
+    from dagster import instance_for_test
+
+    from snapmap_pipeline.definitions import build_definitions
+    from snapmap_pipeline.jobs import RECLUSTER_JOB_NAME
+
+    resources = {name: cls(**fields) for name, (cls, fields) in specs.items()}
+    job = build_definitions(resources).resolve_job_def(RECLUSTER_JOB_NAME)
+    config = {"ops": {"daily_events": {"config": {"chunk_size": chunk_size}}}}
+    profiler = None
+    if profile:
+        from pyinstrument import Profiler
+
+        profiler = Profiler(interval=0.01)
+        profiler.start()
+    with instance_for_test() as instance:
+        started = time.perf_counter()
+        result = job.execute_in_process(
+            run_config=config, instance=instance, partition_key=PARTITION
+        )
+        seconds = time.perf_counter() - started
+        metadata = {}
+        for event in result.get_asset_materialization_events():
+            for key, value in event.materialization.metadata.items():
+                if isinstance(value.value, int | float):
+                    metadata[key] = value.value
+    if profiler is not None:
+        profiler.stop()
+        with open(profile, "w") as out:
+            out.write(profiler.output_text(unicode=False, color=False, show_all=False))
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    pipe.send({"run_s": seconds, "peak_rss_mb": peak_kb / 1024, "metadata": metadata})
+    pipe.close()
+
+
+def run_backfill(stack, chunk_size: int, profile: str | None = None) -> dict:
+    specs = {name: (type(r), r.model_dump()) for name, r in stack.resources.items()}
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    started = time.perf_counter()
+    child = context.Process(target=_child, args=(specs, chunk_size, profile, sender))
+    child.start()
+    report = receiver.recv()
+    child.join()
+    report["launch_to_exit_s"] = time.perf_counter() - started
+    if child.exitcode != 0:
+        raise RuntimeError(f"backfill child exited with {child.exitcode}")
+    return report
+
+
+def one_run(photos: int, seed: int, chunk_size: int, profile: str | None = None) -> dict:
+    with isolated_stack() as stack:
+        db = stack.mongo.db()
+        started = time.perf_counter()
+        stored = store_day(db, photos, seed)
+        store_s = time.perf_counter() - started
+        limit = measure_limit(db)
+        backfill = run_backfill(stack, chunk_size, profile)
+        linked = db.photos.count_documents({"eventId": {"$ne": None}})
+    return {
+        "photos_stored": stored,
+        "store_s": round(store_s, 1),
+        "limit": limit,
+        "backfill_s": round(backfill["launch_to_exit_s"], 2),
+        "backfill_run_s": round(backfill["run_s"], 2),
+        "peak_rss_mb": round(backfill["peak_rss_mb"], 1),
+        "photos_linked": linked,
+        "ratio_to_limit": round(backfill["launch_to_exit_s"] / limit["total_s"], 2),
+        "run_metadata": backfill["metadata"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--photos", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--chunk-size", type=int, default=50_000)
+    parser.add_argument("--profile", help="write a pyinstrument text profile of the run here")
+    args = parser.parse_args()
+
+    before = machine()
+    runs = []
+    for index in range(args.repeat):
+        run = one_run(args.photos, args.seed + index, args.chunk_size, args.profile)
+        print(json.dumps({"run": index + 1, **run}, default=str), flush=True)
+        runs.append(run)
+    emit(
+        "backfill",
+        {
+            "command": f"python -m bench.pipeline.backfill --photos {args.photos} "
+            f"--repeat {args.repeat} --seed {args.seed} --chunk-size {args.chunk_size}",
+            "partition": PARTITION,
+            "machine_before": before,
+            "machine_after": machine(),
+            "median": {
+                "backfill_s": median([r["backfill_s"] for r in runs]),
+                "limit_s": median([r["limit"]["total_s"] for r in runs]),
+                "ratio_to_limit": median([r["ratio_to_limit"] for r in runs]),
+                "peak_rss_mb": median([r["peak_rss_mb"] for r in runs]),
+            },
+            "runs": runs,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
