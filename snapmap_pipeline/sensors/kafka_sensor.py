@@ -1,15 +1,16 @@
 """The ``photo-uploads`` sensor: new offsets become micro-batch runs.
 
-Each tick reads every partition's watermarks (bounded calls, no consumption), compares them with
+Each tick reads the partitions' watermarks (bounded calls, no consumption), compares them with
 the cursor (JSON: next offset per partition) and requests one run per new offset range, capped
-at ``max_messages`` per run and ``max_runs_per_tick`` per tick. Runs carry the offset range,
+at ``max_messages`` per run and ``max_runs_per_tick`` per tick. A tick cut short by that cap
+or by its time budget records where it stopped, and the next tick starts there, so a slow broker
+or one partition's backlog cannot starve the other partitions. Runs carry the offset range,
 never payloads, and ``run_key`` = topic/partition/first-last, so a re-evaluated tick launches
 nothing twice. A partition without a cursor entry starts from the consumer group's committed
 offset, else from the earliest offset (never "latest": cases.md #18). Offsets deleted by
 retention before a run was requested are a visible gap: a log line, a run tag and an
 observation on the ``photo_uploads`` asset.
 """
-
 
 import json
 import time
@@ -30,6 +31,36 @@ from snapmap_pipeline.resources.kafka import KafkaResource, OffsetRange
 from snapmap_pipeline.settings import PipelineSettings
 
 UPLOADS_ASSET = "photo_uploads"
+# The cursor key, beside the partition ids, of the partition the next tick starts at.
+RESUME_KEY = "resume_partition"
+
+
+@dataclass(frozen=True)
+class SensorCursor:
+    """What a tick hands to the next one: the next offset per partition, and the partition
+    to start at when the previous tick stopped before covering every partition.
+
+    As JSON: ``{"0": 1200, "1": 900, "resume_partition": 1}``. ``resume_partition`` is written
+    only by a tick that was cut short (by its time budget or by ``max_runs_per_tick``), so a
+    cursor without it (every cursor written before it existed, or edited by an operator) is
+    read as "start at the first partition".
+    """
+
+    offsets: dict[int, int]
+    resume_partition: int | None = None
+
+    @classmethod
+    def parse(cls, text: str | None) -> "SensorCursor":
+        values = json.loads(text or "{}")
+        resume = values.pop(RESUME_KEY, None)
+        offsets = {int(partition): int(offset) for partition, offset in values.items()}
+        return cls(offsets, None if resume is None else int(resume))
+
+    def to_json(self) -> str:
+        values: dict[str, int] = {str(p): o for p, o in self.offsets.items()}
+        if self.resume_partition is not None:
+            values[RESUME_KEY] = self.resume_partition
+        return json.dumps(values, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -37,27 +68,47 @@ class TickPlan:
     """What one tick decided: ranges to run, the next cursor, lag and retention gaps."""
 
     ranges: list[OffsetRange]
-    cursor: dict[str, int]
+    cursor: SensorCursor
     lag: dict[int, int]
     gaps: dict[int, tuple[int, int]]
 
 
-def plan_tick(kafka: KafkaResource, settings: PipelineSettings, cursor: dict[str, int]) -> TickPlan:
-    """Decide the runs of one tick from the broker's watermarks and the cursor."""
+def rotated(partitions: list[int], first: int | None) -> list[int]:
+    """``partitions`` (sorted ids) in cyclic order from ``first``, or from the next id above it
+    when it is gone; from the lowest id when ``first`` is None."""
+    if first is None:
+        return partitions
+    at = next((i for i, p in enumerate(partitions) if p >= first), 0)
+    return partitions[at:] + partitions[:at]
+
+
+def plan_tick(kafka: KafkaResource, settings: PipelineSettings, cursor: SensorCursor) -> TickPlan:
+    """Decide the runs of one tick from the broker's watermarks and the cursor.
+
+    Partitions are planned in cyclic order from the cursor's ``resume_partition``. A tick stops
+    at its time budget (always after at least one partition, so a slow broker cannot stall
+    the sensor) or at ``max_runs_per_tick``; the next tick then starts at the partition after
+    the last one planned: with N partitions, each is planned at least once every N ticks.
+    """
     deadline = time.monotonic() + settings.sensor_tick_budget_s
     ranges: list[OffsetRange] = []
     lag: dict[int, int] = {}
     gaps: dict[int, tuple[int, int]] = {}
-    next_cursor = dict(cursor)
+    offsets = dict(cursor.offsets)
     with kafka.consumer() as consumer:
         partitions = kafka.partitions(consumer, settings.uploads_topic)
-        unknown = [p for p in partitions if str(p) not in cursor]
+        unknown = [p for p in partitions if p not in offsets]
         committed = kafka.committed(consumer, settings.uploads_topic, unknown) if unknown else {}
-        for partition in partitions:
-            if time.monotonic() > deadline or len(ranges) >= settings.max_runs_per_tick:
+        order = rotated(partitions, cursor.resume_partition)
+        planned = 0
+        cut_short = False
+        for partition in order:
+            out_of_time = planned > 0 and time.monotonic() > deadline
+            if out_of_time or len(ranges) >= settings.max_runs_per_tick:
+                cut_short = True
                 break
             marks = kafka.watermarks(consumer, settings.uploads_topic, partition)
-            start = cursor.get(str(partition), committed.get(partition, marks.low))
+            start = offsets.get(partition, committed.get(partition, marks.low))
             if start < marks.low:
                 gaps[partition] = (start, marks.low - 1)
                 start = marks.low
@@ -65,9 +116,12 @@ def plan_tick(kafka: KafkaResource, settings: PipelineSettings, cursor: dict[str
                 last = min(start + settings.max_messages_per_run, marks.high) - 1
                 ranges.append(OffsetRange(settings.uploads_topic, partition, start, last))
                 start = last + 1
-            next_cursor[str(partition)] = start
+            offsets[partition] = start
             lag[partition] = marks.high - start
-    return TickPlan(ranges, next_cursor, lag, gaps)
+            planned += 1
+            cut_short = start < marks.high
+    resume = order[planned % len(order)] if cut_short and order else None
+    return TickPlan(ranges, SensorCursor(offsets, resume), lag, gaps)
 
 
 def run_request_for(offsets: OffsetRange, gap: tuple[int, int] | None = None) -> RunRequest:
@@ -91,8 +145,7 @@ def run_request_for(offsets: OffsetRange, gap: tuple[int, int] | None = None) ->
 def photo_uploads_sensor(
     context: SensorEvaluationContext, kafka: KafkaResource, settings: PipelineSettings
 ) -> SensorResult | SkipReason:
-    cursor = {k: int(v) for k, v in json.loads(context.cursor or "{}").items()}
-    plan = plan_tick(kafka, settings, cursor)
+    plan = plan_tick(kafka, settings, SensorCursor.parse(context.cursor))
 
     observations = []
     for partition, (first, last) in plan.gaps.items():
@@ -126,7 +179,7 @@ def photo_uploads_sensor(
             ", ".join(r.run_key for r in requests),
             lag_text,
         )
-    cursor_json = json.dumps(plan.cursor, sort_keys=True)
+    cursor_json = plan.cursor.to_json()
     if not requests and not observations:
         context.update_cursor(cursor_json)
         return SkipReason(f"no new offsets in {settings.uploads_topic} (lag: {lag_text or 'none'})")

@@ -13,6 +13,7 @@ from dagster import SkipReason, build_sensor_context, instance_for_test
 from snapmap_pipeline.resources.kafka import KafkaResource, KafkaUnavailable
 from snapmap_pipeline.sensors.kafka_sensor import photo_uploads_sensor
 from tests.integration.pipeline import Harness, publish, upload
+from tests.integration.test_ingestion import changed
 
 pytestmark = [pytest.mark.kafka, pytest.mark.sensor]
 
@@ -165,3 +166,54 @@ def test_unreachable_broker_fails_fast_and_cleanly(resources):
         for _ in range(3):
             tick({**resources, "kafka": dead}, None)
     assert time.monotonic() - started < 15
+
+
+def keys_by_partition(result) -> dict[int, list[str]]:
+    found: dict[int, list[str]] = {}
+    for request in result.run_requests:
+        found.setdefault(int(request.tags["snapmap/partition"]), []).append(request.run_key)
+    return found
+
+
+def test_one_partitions_backlog_does_not_starve_the_others(resources, settings, kafka):
+    """A tick cut by ``max_runs_per_tick`` records where it stopped; the next tick starts at
+    the partition after it, so a long backlog on partition 0 shares the ticks."""
+    publish(kafka, settings.uploads_topic, values(40), partition=0)
+    publish(kafka, settings.uploads_topic, values(2, "one"), partition=1)
+    publish(kafka, settings.uploads_topic, values(2, "two"), partition=2)
+    small = changed(settings, max_messages_per_run=2, max_runs_per_tick=3)
+    capped = {**resources, "settings": small}
+
+    first, _ = tick(capped, None)
+    assert keys_by_partition(first).keys() == {0}
+    assert json.loads(first.cursor) == {"0": 6, "resume_partition": 1}
+
+    second, _ = tick(capped, first.cursor)
+    assert {p: len(keys) for p, keys in keys_by_partition(second).items()} == {1: 1, 2: 1, 0: 1}
+    assert json.loads(second.cursor) == {"0": 8, "1": 2, "2": 2, "resume_partition": 1}
+
+    cursor = second.cursor
+    for _ in range(20):
+        result, context = tick(capped, cursor)
+        if isinstance(result, SkipReason):
+            cursor = context.cursor
+            break
+        assert keys_by_partition(result).keys() == {0}
+        cursor = result.cursor
+    # A tick that covered every partition leaves the cursor in its plain form.
+    assert json.loads(cursor) == {"0": 40, "1": 2, "2": 2}
+
+
+def test_cursors_without_or_with_a_stale_resume_partition_still_load(resources, settings, kafka):
+    """Cursors written before ``resume_partition`` existed (or edited by an operator) start at
+    the first partition; a resume partition the topic no longer has starts there too."""
+    for partition in range(3):
+        publish(kafka, settings.uploads_topic, values(1, f"p{partition}"), partition=partition)
+    capped = {**resources, "settings": changed(settings, max_runs_per_tick=1)}
+    for cursor in ('{"0": 0, "1": 0, "2": 0}', '{"0": 0, "1": 0, "2": 0, "resume_partition": 7}'):
+        result, _ = tick(capped, cursor)
+        assert keys_by_partition(result).keys() == {0}
+        assert json.loads(result.cursor) == {"0": 1, "1": 0, "2": 0, "resume_partition": 1}
+    resumed, _ = tick(capped, '{"0": 0, "1": 0, "2": 0, "resume_partition": 2}')
+    assert keys_by_partition(resumed).keys() == {2}
+    assert json.loads(resumed.cursor) == {"0": 0, "1": 0, "2": 1, "resume_partition": 0}
