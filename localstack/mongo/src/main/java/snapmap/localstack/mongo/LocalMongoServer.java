@@ -63,7 +63,7 @@ public final class LocalMongoServer {
         H2Backend backend;
         try {
             Files.createDirectories(store.getParent());
-            backend = new H2Backend(store.toString());
+            backend = IndexSafeH2Backend.openStore(store.toString());
         } catch (IOException | RuntimeException e) {
             // The usual cause is another server still holding the store's file lock.
             System.err.println("cannot open data store " + store + ": " + e.getMessage());
