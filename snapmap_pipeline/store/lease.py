@@ -5,6 +5,12 @@ The lease is a document with an expiry and a fencing token that grows with every
 writes are also conditional on each event's ``version``, and link decisions carry the token, so
 a holder that outlived its lease (a paused or killed process) can never overwrite newer work.
 
+The expiry is short (``ttl_s``, 30 s) and a heartbeat thread pushes it forward every third of
+that while the holder works, however long the work takes. A holder that dies (SIGKILL, a lost
+machine) or cannot release (the database unreachable at that moment) therefore blocks the
+others for at most ``ttl_s``, not for the length of the longest recluster. Renewal never
+changes the token: only a new grant does.
+
 Known limit: the lease is global, so reclustering is serial across the whole map. Runs still
 read, validate and upsert in parallel; if clustering time ever dominates, split the lease by
 region (the cells a closure touches, taken in sorted order).
@@ -12,8 +18,10 @@ region (the cells a closure touches, taken in sorted order).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,9 +30,11 @@ from datetime import UTC, datetime, timedelta
 
 from pymongo import ReturnDocument
 from pymongo.database import Database
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
 LEASE_ID = "clustering"
+DEFAULT_TTL_S = 30.0
+log = logging.getLogger(__name__)
 
 
 class LeaseTimeout(RuntimeError):
@@ -32,8 +42,16 @@ class LeaseTimeout(RuntimeError):
 
 
 @contextmanager
-def clustering_lease(db: Database, ttl_s: float = 300.0, wait_s: float = 600.0) -> Iterator[int]:
-    """Hold the clustering lease; yields its fencing token."""
+def clustering_lease(
+    db: Database, ttl_s: float = DEFAULT_TTL_S, wait_s: float = 600.0
+) -> Iterator[int]:
+    """Hold the clustering lease; yields its fencing token.
+
+    ``ttl_s``: how long the lease outlives its holder's last heartbeat (renewed every
+    ``ttl_s / 3`` while the block runs). ``wait_s``: how long to wait for another holder.
+    A failed release is logged and never replaces the block's own exception; the lease then
+    expires by itself within ``ttl_s``.
+    """
     holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     deadline = time.monotonic() + wait_s
     delay = 0.05
@@ -49,13 +67,14 @@ def clustering_lease(db: Database, ttl_s: float = 300.0, wait_s: float = 600.0) 
             )
         time.sleep(delay)
         delay = min(delay * 2, 1.0)
+
+    heartbeat = _Heartbeat(db, holder, token, ttl_s)
+    heartbeat.start()
     try:
         yield token
     finally:
-        db.leases.update_one(
-            {"_id": LEASE_ID, "holder": holder},
-            {"$set": {"expiresAt": datetime(1970, 1, 1, tzinfo=UTC), "holder": None}},
-        )
+        heartbeat.stop()
+        _release(db, holder, token, ttl_s)
 
 
 def _try_acquire(db: Database, holder: str, ttl_s: float) -> int | None:
@@ -73,3 +92,67 @@ def _try_acquire(db: Database, holder: str, ttl_s: float) -> int | None:
     except DuplicateKeyError:
         return None
     return 1
+
+
+def _release(db: Database, holder: str, token: int, ttl_s: float) -> None:
+    """Give the lease up. Called from ``finally``: it logs instead of raising, so that the
+    error that ended the block (often the same outage) is the one the caller sees."""
+    try:
+        db.leases.update_one(
+            {"_id": LEASE_ID, "holder": holder},
+            {"$set": {"expiresAt": datetime(1970, 1, 1, tzinfo=UTC), "holder": None}},
+        )
+    except PyMongoError as error:
+        log.warning(
+            "could not release the clustering lease (token %d): %s: %s; it expires by itself "
+            "within %g s",
+            token,
+            type(error).__name__,
+            error,
+            ttl_s,
+        )
+
+
+class _Heartbeat(threading.Thread):
+    """Pushes the lease's expiry ``ttl_s`` ahead every ``ttl_s / 3`` until stopped. A renewal
+    that fails (outage) is retried on the next beat; one that finds the lease taken by someone
+    else (this holder was paused past its expiry) is logged and ends the heartbeat: from then
+    on the token and the version checks keep this holder's late writes harmless."""
+
+    def __init__(self, db: Database, holder: str, token: int, ttl_s: float) -> None:
+        super().__init__(name=f"clustering-lease-{token}", daemon=True)
+        self.db = db
+        self.holder = holder
+        self.token = token
+        self.ttl_s = ttl_s
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        # A renewal blocked on an unreachable server ends with the client's own timeout; the
+        # thread is a daemon and never renews after ``stop``, so do not wait for it long.
+        self.join(timeout=1.0)
+
+    def run(self) -> None:
+        while not self._stopped.wait(self.ttl_s / 3):
+            try:
+                renewed = self.db.leases.update_one(
+                    {"_id": LEASE_ID, "holder": self.holder, "token": self.token},
+                    {"$set": {"expiresAt": datetime.now(UTC) + timedelta(seconds=self.ttl_s)}},
+                )
+            except PyMongoError as error:
+                log.warning(
+                    "clustering lease (token %d) not renewed: %s: %s; retrying in %g s",
+                    self.token,
+                    type(error).__name__,
+                    error,
+                    self.ttl_s / 3,
+                )
+                continue
+            if renewed.matched_count == 0 and not self._stopped.is_set():
+                log.warning(
+                    "clustering lease (token %d) was taken over after it expired; this holder's "
+                    "remaining writes are fenced by the token and event versions",
+                    self.token,
+                )
+                return
