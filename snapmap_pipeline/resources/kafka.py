@@ -23,9 +23,22 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 T = TypeVar("T")
+_log = logging.getLogger(__name__)
 
 # librdkafka's value for "no offset committed for this group and partition".
 _OFFSET_INVALID = -1001
+
+# The group coordinator is moving or loading (a broker restart, a leader change of the offsets
+# topic): it answers again within seconds, so these get ``coordinator_retry_s``, not
+# ``timeout_s``.
+COORDINATOR_ERRORS = frozenset(
+    {
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError._WAIT_COORD,
+    }
+)
 
 
 class KafkaUnavailable(RuntimeError):
@@ -72,6 +85,13 @@ class KafkaResource(ConfigurableResource):
     sasl_password: str | None = Field(default=None, description="SASL password (EnvVar).")
     ssl_ca_location: str | None = Field(default=None, description="Path of a CA bundle (PEM).")
     timeout_s: float = Field(default=10.0, description="Timeout of each broker call.")
+    coordinator_retry_s: float = Field(
+        default=30.0,
+        description=(
+            "How long offset commits and committed-offset reads keep retrying while the group "
+            "coordinator moves or loads (5-15 s after a broker restart), with backoff."
+        ),
+    )
 
     def _base_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -180,30 +200,57 @@ class KafkaResource(ConfigurableResource):
         return Watermarks(low, high)
 
     def committed(
-        self, consumer: Consumer, topic: str, partitions: Sequence[int]
+        self,
+        consumer: Consumer,
+        topic: str,
+        partitions: Sequence[int],
+        coordinator_retry_s: float | None = None,
     ) -> dict[int, int]:
-        """The consumer group's committed next offset per partition (absent when none)."""
+        """The consumer group's committed next offset per partition (absent when none).
+        ``coordinator_retry_s`` overrides the resource's wait for a loading coordinator (a
+        sensor tick passes what is left of its budget)."""
         found = self._retrying(
             f"committed offsets of {topic}",
             lambda: consumer.committed(
                 [TopicPartition(topic, p) for p in partitions], timeout=self.timeout_s
             ),
+            coordinator_retry_s,
         )
         return {tp.partition: tp.offset for tp in found if tp.offset != _OFFSET_INVALID}
 
-    def _retrying(self, what: str, call: Callable[[], T]) -> T:
-        """Run ``call``, retrying errors the broker marks retriable (a group coordinator still
-        loading, a leader moving) with backoff for up to ``timeout_s``; anything else, or a
-        retriable error that outlasts the budget, raises ``KafkaUnavailable``."""
-        deadline = time.monotonic() + self.timeout_s
+    def _retrying(
+        self, what: str, call: Callable[[], T], coordinator_retry_s: float | None = None
+    ) -> T:
+        """Run ``call``, retrying errors the broker marks retriable (a leader moving) with
+        backoff for up to ``timeout_s``, and group-coordinator errors (NOT_COORDINATOR, a
+        coordinator still loading) for up to ``coordinator_retry_s``; anything else, or a
+        retriable error that outlasts its budget, raises ``KafkaUnavailable``."""
+        started = time.monotonic()
+        coordinator_budget = (
+            self.coordinator_retry_s if coordinator_retry_s is None else coordinator_retry_s
+        )
         delay = 0.1
+        attempts = 0
         while True:
+            attempts += 1
             try:
                 return call()
             except KafkaException as error:
-                retriable = error.args and error.args[0].retriable()
-                if not retriable or time.monotonic() + delay > deadline:
-                    raise KafkaUnavailable(f"{what}: {error}") from error
+                kafka_error = error.args[0] if error.args else None
+                code = kafka_error.code() if isinstance(kafka_error, KafkaError) else None
+                if code in COORDINATOR_ERRORS:
+                    budget = coordinator_budget
+                elif isinstance(kafka_error, KafkaError) and kafka_error.retriable():
+                    budget = self.timeout_s
+                else:
+                    budget = 0.0
+                elapsed = time.monotonic() - started
+                if elapsed + delay > budget:
+                    raise KafkaUnavailable(
+                        f"{what}: {error} (after {attempts} attempts in {elapsed:.1f} s)"
+                    ) from error
+                if attempts == 1:
+                    _log.info("%s: %s; retrying for up to %g s", what, error, budget)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 

@@ -7,9 +7,14 @@ broker is back the same run request applies the batch and commits exactly its ra
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 from dagster import instance_for_test
 
 from snapmap_pipeline.resources.kafka import KafkaResource, KafkaUnavailable, OffsetRange
@@ -19,6 +24,7 @@ from tests.faults.conftest import (
     error_classes,
     event_updates_by_event,
     stack,
+    start,
     stopped,
     wait_for_group_coordinator,
 )
@@ -100,3 +106,65 @@ def test_broker_stopped_mid_run_then_restarted(resources, settings, kafka, mongo
     for event_id, event in live_events(db).items():
         assert announced[event_id][-1] == event["version"]
     assert db.events.count_documents({"publishPending": True}) == 0
+
+
+# Partitions that make the restarted broker's group coordinator load for several seconds after
+# the broker answers metadata again (measured on the local stack: NOT_COORDINATOR for about 7 s
+# with 1,200 partitions; a production broker has far more).
+LOAD_TOPICS = 12
+LOAD_PARTITIONS = 100
+
+
+@contextmanager
+def loaded_broker(kafka: KafkaResource, unique: str) -> Iterator[None]:
+    names = [f"restart-load-{unique}-{i}" for i in range(LOAD_TOPICS)]
+    kafka.ensure_topics({name: LOAD_PARTITIONS for name in names})
+    try:
+        yield
+    finally:
+        admin = kafka.admin()  # kept referenced until the futures resolve
+        for future in admin.delete_topics(names, operation_timeout=30).values():
+            future.result(timeout=60)
+
+
+def broker_answers_metadata(kafka: KafkaResource) -> bool:
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap_servers, "log_level": 0})
+    try:
+        return bool(admin.list_topics(timeout=1).brokers)
+    except KafkaException:
+        return False
+
+
+def test_offset_calls_ride_out_the_coordinator_loading_after_a_restart(
+    kafka, settings, unique, caplog
+):
+    """The consumer_offsets step's two group calls (read the committed offset, commit the next
+    one), made the moment the restarted broker answers metadata, succeed once the coordinator
+    has loaded instead of failing with NOT_COORDINATOR."""
+    topic = settings.uploads_topic
+    publish(kafka, topic, crowd(5), partition=0)
+    kafka.commit_offset(topic, 0, 2)
+    caplog.set_level("INFO", logger="snapmap_pipeline.resources.kafka")
+
+    with loaded_broker(kafka, unique), stopped("kafka"):
+        starting = threading.Thread(target=start, args=("kafka",), daemon=True)
+        starting.start()
+        try:
+            deadline = time.monotonic() + 120
+            while not broker_answers_metadata(kafka):
+                assert time.monotonic() < deadline, "the broker did not come back"
+                time.sleep(0.05)
+
+            began = time.monotonic()
+            with kafka.consumer() as consumer:
+                assert kafka.committed(consumer, topic, [0]) == {0: 2}
+            kafka.commit_offset(topic, 0, 5)
+            took = time.monotonic() - began
+        finally:
+            starting.join(150)
+
+    assert committed(kafka, topic) == {0: 5}
+    # The fault was met: the coordinator was still loading and the calls waited for it.
+    waits = [r.getMessage() for r in caplog.records if "retrying for up to" in r.getMessage()]
+    assert any("NOT_COORDINATOR" in w or "COORDINATOR" in w for w in waits), waits
+    assert took < kafka.coordinator_retry_s * 2 + 10
