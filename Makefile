@@ -41,3 +41,20 @@ stack-down:
 
 bench-engine: setup
 	$(PY) bench/engine_bench.py
+
+## End-to-end benchmarks on the running local stack (BENCHMARKS.md); ARGS passes options through.
+.PHONY: bench-limit bench-stream bench-latency bench-backfill bench-growth
+bench-limit: setup
+	source scripts/env.sh && $(PY) -m bench.pipeline.limit $(ARGS)
+
+bench-stream: setup
+	source scripts/env.sh && $(PY) -m bench.pipeline.stream $(ARGS)
+
+bench-latency: setup
+	source scripts/env.sh && $(PY) -m bench.pipeline.latency $(ARGS)
+
+bench-backfill: setup
+	source scripts/env.sh && $(PY) -m bench.pipeline.backfill $(ARGS)
+
+bench-growth: setup
+	source scripts/env.sh && $(PY) -m bench.pipeline.growth $(ARGS)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from azure.core.exceptions import AzureError
@@ -18,6 +19,8 @@ from snapmap_pipeline.resources.kafka import KafkaResource
 
 log = logging.getLogger(__name__)
 BATCH = 1000
+# Concurrent manifest uploads: each is two HTTP round trips, which threads overlap.
+MANIFEST_WORKERS = 8
 
 
 @dataclass
@@ -83,44 +86,96 @@ def write_pending_manifests(
     db: Database, blob: BlobStorageResource, limit: int = 5000
 ) -> OutboxReport:
     """Write the JSON album of every event whose manifest is pending. A storage failure leaves
-    the rest pending (reported, not raised)."""
+    the rest pending (reported, not raised).
+
+    The albums' photos are read with one query per thousand events, the blobs are written by
+    ``MANIFEST_WORKERS`` threads (each write is two HTTP round trips, so they overlap), and the
+    written versions are marked in bulk: one query and one write per thousand events instead of
+    one of each per event."""
     report = OutboxReport()
     events = list(db.events.find({"manifestPending": True}).sort("_id", 1).limit(limit))
     if not events:
         return report
+    albums = album_photos(db, [e["_id"] for e in events if not e.get("mergedInto")])
+    done: list[tuple[dict, bool]] = []
     try:
-        with blob.service() as client:
-            for event in events:
-                changed = blob.put_manifest(client, event["_id"], manifest(db, event))
-                db.events.update_one(
-                    {"_id": event["_id"], "version": event["version"]},
-                    {"$set": {"manifestPending": False}},
+        with (
+            blob.service() as client,
+            ThreadPoolExecutor(MANIFEST_WORKERS, thread_name_prefix="manifest") as pool,
+        ):
+            futures = [
+                (
+                    event,
+                    pool.submit(
+                        blob.put_manifest,
+                        client,
+                        event["_id"],
+                        manifest_of(event, albums.get(event["_id"], [])),
+                    ),
                 )
-                if changed:
-                    report.manifests_written += 1
-                else:
-                    report.manifests_unchanged += 1
+                for event in events
+            ]
+            try:
+                for event, future in futures:
+                    done.append((event, future.result()))
+            finally:
+                pool.shutdown(cancel_futures=True)
     except AzureError as error:
         log.warning("Blob Storage unavailable, manifests stay pending: %s", str(error)[:200])
+    finally:
+        _mark_written(db, [event for event, _changed in done])
+    for _event, changed in done:
+        if changed:
+            report.manifests_written += 1
+        else:
+            report.manifests_unchanged += 1
     report.manifests_pending = db.events.count_documents({"manifestPending": True})
     return report
 
 
-def manifest(db: Database, event: dict) -> dict:
-    """The album: event fields and its photos with their storageUrls; a tombstone points to the
-    event it was merged into."""
-    body = update_message(event)
-    if event.get("mergedInto"):
-        body["photos"] = []
-        return body
-    photos = db.photos.find({"eventId": event["_id"]}, {"storageUrl": 1, "takenAt": 1}).sort(
-        [("takenAt", 1), ("_id", 1)]
-    )
-    body["photos"] = [
-        {"photoId": p["_id"], "storageUrl": p.get("storageUrl"), "takenAt": _iso(p["takenAt"])}
-        for p in photos
+def _mark_written(db: Database, events: list[dict]) -> None:
+    """Clear ``manifestPending`` of the versions whose manifest is written."""
+    requests = [
+        UpdateOne({"_id": e["_id"], "version": e["version"]}, {"$set": {"manifestPending": False}})
+        for e in events
     ]
+    for start in range(0, len(requests), BATCH):
+        db.events.bulk_write(requests[start : start + BATCH], ordered=False)
+
+
+def album_photos(db: Database, event_ids: list[str]) -> dict[str, list[dict]]:
+    """The photos linked to each event, in ``(takenAt, _id)`` order, a thousand events per
+    query."""
+    albums: dict[str, list[dict]] = {}
+    for start in range(0, len(event_ids), BATCH):
+        query = {"eventId": {"$in": event_ids[start : start + BATCH]}}
+        for photo in db.photos.find(query, {"storageUrl": 1, "takenAt": 1, "eventId": 1}):
+            albums.setdefault(photo["eventId"], []).append(photo)
+    for photos in albums.values():
+        photos.sort(key=lambda p: (p["takenAt"], p["_id"]))
+    return albums
+
+
+def manifest_of(event: dict, photos: list[dict]) -> dict:
+    """The album: event fields and its photos (in ``(takenAt, _id)`` order) with their
+    storageUrls; a tombstone points to the event it was merged into and lists no photos."""
+    body = update_message(event)
+    body["photos"] = (
+        []
+        if event.get("mergedInto")
+        else [
+            {"photoId": p["_id"], "storageUrl": p.get("storageUrl"), "takenAt": _iso(p["takenAt"])}
+            for p in photos
+        ]
+    )
     return body
+
+
+def manifest(db: Database, event: dict) -> dict:
+    """The album of one event, read from ``photos``."""
+    if event.get("mergedInto"):
+        return manifest_of(event, [])
+    return manifest_of(event, album_photos(db, [event["_id"]]).get(event["_id"], []))
 
 
 def _iso(moment) -> str:
