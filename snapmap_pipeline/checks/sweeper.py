@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from azure.core.exceptions import AzureError
+from azure.core.exceptions import AzureError, ServiceRequestError, ServiceResponseError
 from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
@@ -370,22 +370,31 @@ def tombstone_targets(
 
 @dataclass
 class StorageSample:
-    """Existence of a sample of photos' blobs; ``errors`` are checks that could not answer."""
+    """Existence of a sample of photos' blobs; ``errors`` are checks that could not answer.
+    ``unreachable`` is set when the service could not be reached at all (refused connection,
+    timeout): sampling stops there and ``not_checked`` photos are left for the next sweep."""
 
     present: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unparseable: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    unreachable: str | None = None
+    not_checked: int = 0
 
     @property
     def sampled(self) -> int:
         return len(self.present) + len(self.missing) + len(self.unparseable) + len(self.errors)
 
 
+class StorageUnreachable(Exception):
+    """No connection to Blob Storage (after the resource's own retries)."""
+
+
 def sample_storage(db: Database, blob: BlobStorageResource, size: int) -> StorageSample:
     """Check the blobs of the ``size`` most recently uploaded photos (a deterministic sample)
     and record ``blobStatus: "missing"`` on the photos whose blob is gone (cleared when it is
-    back). A failed check changes nothing on the photo."""
+    back). A failed check changes nothing on the photo. The first connection-level failure
+    ends the sample: every further call would wait out the same outage."""
     photos = list(
         db.photos.find({"storageUrl": {"$ne": None}}, {"storageUrl": 1})
         .sort([("uploadedAt", -1), ("_id", 1)])
@@ -398,11 +407,13 @@ def sample_storage(db: Database, blob: BlobStorageResource, size: int) -> Storag
         with blob.service() as client:
             for photo in photos:
                 _check_one(blob, client, photo, sample)
+    except StorageUnreachable as error:
+        sample.unreachable = str(error)
+        sample.not_checked = len(photos) - sample.sampled
     except ValueError as error:
         # The account settings cannot work (BlobConfigError, a malformed connection string):
         # every photo not checked yet is an error, none is missing.
-        checked = len(sample.present) + len(sample.missing) + len(sample.unparseable)
-        sample.errors += [f"{p['_id']}: {error}" for p in photos[checked:]]
+        sample.errors += [f"{p['_id']}: {error}" for p in photos[sample.sampled :]]
     if sample.missing:
         db.photos.update_many({"_id": {"$in": sample.missing}}, {"$set": {"blobStatus": "missing"}})
     if sample.present:
@@ -420,8 +431,12 @@ def _check_one(blob: BlobStorageResource, client, photo: dict, sample: StorageSa
     except StorageUrlError as error:
         sample.unparseable.append(f"{photo_id}: {error}")
         return
+    except (ServiceRequestError, ServiceResponseError) as error:
+        # No connection or no answer: the service is down or cut off, not this blob.
+        raise StorageUnreachable(
+            f"{type(error).__name__} checking {photo_id}: {_first_line(error)}"
+        ) from error
     except AzureError as error:
-        # Connection failures and timeouts: the service did not answer, the blob may be there.
         sample.errors.append(f"{photo_id}: {type(error).__name__}: {str(error)[:200]}")
         return
     if status.status == "present":
@@ -432,13 +447,18 @@ def _check_one(blob: BlobStorageResource, client, photo: dict, sample: StorageSa
         sample.errors.append(f"{photo_id}: {status.detail}")
 
 
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]
+
+
 @asset_check(
     asset=photo_event_links,
     name="storage_urls_exist",
     description=(
         "The blobs of the most recently uploaded photos exist in Blob Storage. Missing blobs "
         "are recorded on the photo (blobStatus) and fail the check with a warning; checks that "
-        "could not answer (auth, outage) are reported apart and never counted as missing."
+        "could not answer (auth, outage) are reported apart and never counted as missing. An "
+        "unreachable service ends the sample at the first failed connection (a warning)."
     ),
 )
 def storage_urls_exist(
@@ -450,13 +470,21 @@ def storage_urls_exist(
     sample = sample_storage(mongo.db(), blob, settings.storage_sample_size)
     context.log.info(
         "storage sample: %d photos, %d present, %d missing, %d unparseable, %d not checked "
-        "(errors)",
+        "(errors), %d skipped (storage unreachable)",
         sample.sampled,
         len(sample.present),
         len(sample.missing),
         len(sample.unparseable),
         len(sample.errors),
+        sample.not_checked,
     )
+    if sample.unreachable:
+        context.log.warning(
+            "Blob Storage unreachable, sample stopped after %d of %d photos: %s",
+            sample.sampled,
+            sample.sampled + sample.not_checked,
+            sample.unreachable,
+        )
     if sample.errors:
         context.log.warning(
             "%d blob checks failed without an answer (auth or outage), e.g. %s",
@@ -464,6 +492,11 @@ def storage_urls_exist(
             sample.errors[0],
         )
     problems = []
+    if sample.unreachable:
+        problems.append(
+            f"Blob Storage unreachable ({sample.unreachable}); {sample.not_checked} photos "
+            "not checked"
+        )
     if sample.missing:
         problems.append(f"{len(sample.missing)} photos have no blob")
     if sample.unparseable:
@@ -480,6 +513,8 @@ def storage_urls_exist(
             "missing": len(sample.missing),
             "unparseable": len(sample.unparseable),
             "errors": len(sample.errors),
+            "storage_unreachable": sample.unreachable is not None,
+            "not_checked": sample.not_checked,
             "missing_examples": MetadataValue.json(sample.missing[:EXAMPLES]),
             "unparseable_examples": MetadataValue.json(sample.unparseable[:EXAMPLES]),
             "error_examples": MetadataValue.json(sample.errors[:EXAMPLES]),
