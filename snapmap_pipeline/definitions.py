@@ -23,6 +23,7 @@ from snapmap_pipeline.assets.events import (
 )
 from snapmap_pipeline.assets.ingest import photo_uploads
 from snapmap_pipeline.checks import SWEEPER_CHECKS, sweeper_job, sweeper_schedule
+from snapmap_pipeline.io_manager import RunScopedIOManager
 from snapmap_pipeline.jobs import INGEST_JOB_NAME
 from snapmap_pipeline.resources.blob import BlobStorageResource
 from snapmap_pipeline.resources.kafka import KafkaResource
@@ -74,7 +75,13 @@ def production_resources() -> dict:
 
 
 def build_definitions(resources: dict) -> Definitions:
-    """The code location with the given resources (tests pass their own isolated ones)."""
+    """The code location with the given resources (tests pass their own isolated ones).
+
+    Steps hand outputs over through a directory per run, in tests too: Dagster's default IO
+    manager would share one file per asset between concurrent micro-batch runs, and
+    ``execute_in_process`` would swap it for an in-memory one that hides that.
+    """
+    resources = {"io_manager": RunScopedIOManager(), **resources}
     return Definitions(
         assets=[*STREAMING_ASSETS, daily_events],
         asset_checks=SWEEPER_CHECKS,
