@@ -37,7 +37,7 @@ from snapmap_pipeline.assets.backfill import apply_all_links, publish_all
 from snapmap_pipeline.assets.events import events, photo_event_links, with_original_bytes
 from snapmap_pipeline.contract.storage_url import StorageUrlError
 from snapmap_pipeline.jobs import SWEEPER_JOB_NAME
-from snapmap_pipeline.resources.blob import BlobStorageResource
+from snapmap_pipeline.resources.blob import BlobStorageResource, redact
 from snapmap_pipeline.resources.kafka import KafkaResource
 from snapmap_pipeline.resources.mongo import MongoResource
 from snapmap_pipeline.settings import PipelineSettings
@@ -437,7 +437,7 @@ def _check_one(blob: BlobStorageResource, client, photo: dict, sample: StorageSa
             f"{type(error).__name__} checking {photo_id}: {_first_line(error)}"
         ) from error
     except AzureError as error:
-        sample.errors.append(f"{photo_id}: {type(error).__name__}: {str(error)[:200]}")
+        sample.errors.append(f"{photo_id}: {type(error).__name__}: {redact(str(error))[:200]}")
         return
     if status.status == "present":
         sample.present.append(photo_id)
@@ -448,7 +448,7 @@ def _check_one(blob: BlobStorageResource, client, photo: dict, sample: StorageSa
 
 
 def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [""])[0][:200]
+    return (redact(str(error)).strip().splitlines() or [""])[0][:200]
 
 
 @asset_check(

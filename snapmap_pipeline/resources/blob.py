@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +30,53 @@ from pydantic import Field
 from snapmap_pipeline.contract.storage_url import StorageUrlPolicy
 
 MANIFEST_CONTAINER = "event-manifests"
+
+# What must never reach a log line: a SAS token's signature (in request URLs and SAS strings)
+# and the account key or SAS of a connection string. The rest of a SAS (version, expiry,
+# permissions) is kept: it tells an operator which token was used.
+_SECRETS = re.compile(r"(?i)\b(sig|AccountKey|SharedAccessSignature)=([^&;\s'\"]+)")
+REDACTED = "REDACTED"
+_redaction_lock = threading.Lock()
+_redaction_installed = False
+
+
+def redact(text: str) -> str:
+    """``text`` with every SAS signature and account key replaced by ``REDACTED``."""
+    return _SECRETS.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
+
+
+def install_secret_redaction() -> None:
+    """Make every log record of this process free of storage secrets, whatever its logger
+    (urllib3's DEBUG request lines carry the SAS query) and whatever handler formats it.
+
+    Done in the record factory, not as a filter on one logger: a logger's filters do not see
+    records propagated from its children, and handlers are added by Dagster, pytest or the
+    deployment. Only records that mention a secret are rewritten. Idempotent."""
+    global _redaction_installed
+    with _redaction_lock:
+        if _redaction_installed:
+            return
+        make_record = logging.getLogRecordFactory()
+
+        def redacting_factory(*args, **kwargs) -> logging.LogRecord:
+            return _redacted(make_record(*args, **kwargs))
+
+        logging.setLogRecordFactory(redacting_factory)
+        _redaction_installed = True
+
+
+def _redacted(record: logging.LogRecord) -> logging.LogRecord:
+    try:
+        message = record.getMessage()
+    except Exception:  # noqa: BLE001 - a malformed call is the logging module's to report
+        return record
+    if _SECRETS.search(message):
+        record.msg, record.args = redact(message), None
+    if record.exc_info and record.exc_info[1] is not None:
+        if _SECRETS.search(str(record.exc_info[1])):
+            formatted = logging.Formatter().formatException(record.exc_info)
+            record.exc_info, record.exc_text = None, redact(formatted)
+    return record
 
 
 class BlobConfigError(ValueError):
@@ -107,6 +157,7 @@ class BlobStorageResource(ConfigurableResource):
 
     @contextmanager
     def service(self) -> Iterator[BlobServiceClient]:
+        install_secret_redaction()
         options = {
             "connection_timeout": self.connect_timeout_s,
             "read_timeout": self.timeout_s,

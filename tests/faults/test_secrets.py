@@ -5,7 +5,8 @@ and database, with recognisable secret values in the environment: a SASL passwor
 PLAINTEXT Kafka, but handed to librdkafka) and a real SAS token for Azurite (used on every
 Blob Storage request, so its signature travels in request URLs). Neither may appear in the
 Dagster event log, the run's config, tags or snapshots, any file of the Dagster instance, or
-anything the process printed or logged.
+anything the process printed or logged, at any level (urllib3's DEBUG request lines included:
+the Blob resource redacts signatures and account keys from every log record).
 """
 
 from __future__ import annotations
@@ -121,14 +122,8 @@ def test_secrets_stay_out_of_logs_and_run_records(
     captured = capfd.readouterr()
     places["captured stdout"] = captured.out
     places["captured stderr"] = captured.err
-    # Known and reported: at DEBUG, urllib3 prints every request line, SAS query included.
-    # The pipeline's own loggers, Dagster's and the Azure SDK's (which redacts ``sig``) are
-    # scanned at DEBUG; urllib3 is scanned from INFO up.
-    places["log records"] = "\n".join(
-        f"{r.name} {r.getMessage()}"
-        for r in caplog.records
-        if not (r.name.startswith("urllib3") and r.levelno < logging.INFO)
-    )
+    # Every logger at DEBUG, urllib3's request lines (which carry the SAS query) included.
+    places["log records"] = "\n".join(f"{r.name} {r.getMessage()}" for r in caplog.records)
     for path in sorted(p for p in Path(home).rglob("*") if p.is_file()):
         places[f"instance file {path.relative_to(home)}"] = path.read_bytes().decode(
             "utf-8", errors="replace"
@@ -149,3 +144,72 @@ def test_secrets_stay_out_of_logs_and_run_records(
         for event_id in live_events(db):
             container.delete_blob(f"{event_id}.json")  # the shared container stays clean
     assert_end_state(kafka, db, blob, settings)
+
+
+MANIFEST = {"eventId": "event-1", "version": 1, "photos": []}
+
+
+def test_debug_logs_of_blob_calls_carry_no_signature_or_account_key(caplog, capfd, unique):
+    """Every logger at DEBUG (urllib3 prints each request line with its query) while the Blob
+    resource writes, reads and checks blobs through a SAS, then through the account key; and
+    pipeline lines that mention a connection string or a SAS URL. No signature or key may be
+    in any captured record, formatted line or stream."""
+    sas, account_url = azurite_sas()
+    raw_signature = dict(p.split("=", 1) for p in sas.split("&"))["sig"]
+    connection_string = stack_setting("AZURE_STORAGE_CONNECTION_STRING")
+    account_key = dict(p.split("=", 1) for p in connection_string.split(";") if "=" in p)[
+        "AccountKey"
+    ]
+    secrets = {
+        "SAS signature": unquote(raw_signature),
+        "SAS signature (URL-encoded)": raw_signature,
+        "account key": account_key,
+    }
+    root = logging.getLogger()
+    printed = logging.StreamHandler()  # to stderr, as a deployment's console handler would
+    printed.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    root.addHandler(printed)
+    caplog.set_level("DEBUG")
+    try:
+        container = f"secrets-{unique}"
+        with_sas = BlobStorageResource(
+            account_url=account_url, sas_token=sas, manifest_container=container
+        )
+        with with_sas.service() as client:
+            with_sas.ensure_container(client)
+            assert with_sas.put_manifest(client, "event-1", MANIFEST)
+            url = f"azure://{container}/event-1.json"
+            assert with_sas.blob_status(client, url).status == "present"
+            assert with_sas.blob_status(client, f"azure://{container}/gone.jpg").status == "missing"
+        with_key = BlobStorageResource(
+            connection_string=connection_string, manifest_container=container
+        )
+        with with_key.service() as client:
+            assert not with_key.put_manifest(client, "event-1", MANIFEST)
+            client.delete_container(container)
+        pipeline = logging.getLogger("snapmap_pipeline.resources.blob")
+        pipeline.debug("connecting with %s", connection_string)
+        pipeline.info("request to %s/%s/event-1.json?%s", account_url, container, sas)
+        try:
+            raise ConnectionError(f"GET {account_url}/{container}?{sas} failed")
+        except ConnectionError:
+            pipeline.exception("manifest write failed")
+    finally:
+        root.removeHandler(printed)
+
+    captured = capfd.readouterr()
+    places = {
+        "log records": "\n".join(f"{r.name} {r.getMessage()}" for r in caplog.records),
+        "formatted log": caplog.text,
+        "stderr": captured.err,
+        "stdout": captured.out,
+    }
+    leaks = [leak for where, text in places.items() for leak in found(secrets, where, text)]
+    assert leaks == []
+    # The scan saw the lines that used to carry the secrets, with the secret replaced.
+    requests = [r.getMessage() for r in caplog.records if r.name == "urllib3.connectionpool"]
+    assert len(requests) >= 6, requests
+    assert all("sig=REDACTED" in line for line in requests if "sig=" in line)
+    assert any("sig=REDACTED" in line for line in requests)
+    assert "AccountKey=REDACTED" in places["formatted log"]
+    assert "sig=REDACTED" in captured.err
