@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -39,6 +41,65 @@ COORDINATOR_ERRORS = frozenset(
         KafkaError._WAIT_COORD,
     }
 )
+
+
+class LibrdkafkaLog:
+    """Where librdkafka's own log lines go: the ``snapmap_pipeline.librdkafka`` logger, with
+    the connection noise of an outage condensed.
+
+    While a broker is down every client retries its connection every second or so and
+    librdkafka reports each refusal (and "all brokers are down") at ERROR: hundreds of lines per
+    outage. The first such line for a broker is logged as a WARNING saying that repeats are
+    held back; repeats within ``window_s`` are counted, and the next one after the window
+    reports the count. Every other line keeps its level, so real errors stay visible.
+    """
+
+    _CONNECTION_NOISE = re.compile(
+        r"Connection refused|Connect to .* failed|brokers are down|Disconnected"
+        r"|Connection setup timed out|Receive failed: Connection reset",
+        re.IGNORECASE,
+    )
+    _BROKER = re.compile(r"([\w.\-]+:\d+)/(?:bootstrap|\d+)")
+
+    def __init__(self, logger: logging.Logger, window_s: float = 60.0) -> None:
+        self.logger = logger
+        self.window_s = window_s
+        self._lock = threading.Lock()
+        # broker address -> (start of the current window, lines held back in it)
+        self._held: dict[str, tuple[float, int]] = {}
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        text = msg % args if args else msg
+        if not self._CONNECTION_NOISE.search(text):
+            self.logger.log(level, "%s", text)
+            return
+        found = self._BROKER.search(text)
+        broker = found.group(1) if found else "brokers"
+        now = time.monotonic()
+        with self._lock:
+            started, held = self._held.get(broker, (None, 0))
+            if started is not None and now - started < self.window_s:
+                self._held[broker] = (started, held + 1)
+                return
+            self._held[broker] = (now, 0)
+        if held:
+            self.logger.warning(
+                "%s (%d more connection failures to %s in the last %.0f s)",
+                text,
+                held,
+                broker,
+                now - started,
+            )
+        else:
+            self.logger.warning(
+                "%s (connection failures to %s are logged once per %.0f s while they last)",
+                text,
+                broker,
+                self.window_s,
+            )
+
+
+_LIBRDKAFKA_LOG = LibrdkafkaLog(logging.getLogger("snapmap_pipeline.librdkafka"))
 
 
 class KafkaUnavailable(RuntimeError):
@@ -100,8 +161,9 @@ class KafkaResource(ConfigurableResource):
             "socket.timeout.ms": int(self.timeout_s * 1000),
             "socket.connection.setup.timeout.ms": int(self.timeout_s * 1000),
             # librdkafka's own lines go to a named Python logger (not straight to stderr), so
-            # the run log and the log configuration decide what is shown.
-            "logger": logging.getLogger("snapmap_pipeline.librdkafka"),
+            # the run log and the log configuration decide what is shown; the reconnect
+            # chatter of an outage is condensed to a few lines (shared by every client).
+            "logger": _LIBRDKAFKA_LOG,
         }
         optional = {
             "sasl.mechanism": self.sasl_mechanism,

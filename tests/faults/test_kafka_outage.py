@@ -2,7 +2,9 @@
 
 The run fails with ``KafkaUnavailable`` in bounded time, the group's offset does not move, a
 tick during the outage raises a clean error well inside the sensor time limit, and once the
-broker is back the same run request applies the batch and commits exactly its range.
+broker is back the same run request applies the batch and commits exactly its range. Right
+after a restart the group coordinator may still be loading: offset calls wait for it. The
+outage's reconnect chatter from librdkafka stays a few lines.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from dagster import instance_for_test
 
+from snapmap_pipeline.resources import kafka as kafka_module
 from snapmap_pipeline.resources.kafka import KafkaResource, KafkaUnavailable, OffsetRange
+from tests.conftest import stack_setting
 from tests.faults.conftest import (
     assert_end_state,
     committed,
@@ -168,3 +172,29 @@ def test_offset_calls_ride_out_the_coordinator_loading_after_a_restart(
     waits = [r.getMessage() for r in caplog.records if "retrying for up to" in r.getMessage()]
     assert any("NOT_COORDINATOR" in w or "COORDINATOR" in w for w in waits), waits
     assert took < kafka.coordinator_retry_s * 2 + 10
+
+
+def test_an_outage_logs_a_few_clear_lines_and_real_errors_stay_visible(kafka, settings, caplog):
+    """Ten sensor-like calls against the stopped broker: librdkafka's reconnect chatter comes
+    out as a few WARNING lines naming the refused broker, not an ERROR per attempt. A server
+    that does not speak Kafka is still reported at ERROR on every failure."""
+    kafka_module._LIBRDKAFKA_LOG._held.clear()  # no window left open by an earlier test
+    caplog.set_level("DEBUG", logger="snapmap_pipeline.librdkafka")
+    short = KafkaResource(**kafka.model_dump() | {"timeout_s": 2.0})
+    with stopped("kafka"):
+        for _ in range(10):
+            with pytest.raises(KafkaUnavailable), short.consumer() as consumer:
+                short.partitions(consumer, settings.uploads_topic)
+    outage = [r for r in caplog.records if r.name == "snapmap_pipeline.librdkafka"]
+    assert 1 <= len(outage) <= 5, [r.getMessage() for r in outage]
+    assert {r.levelname for r in outage} == {"WARNING"}
+    assert "Connection refused" in outage[0].getMessage()
+    assert kafka.bootstrap_servers in outage[0].getMessage()
+
+    caplog.clear()
+    not_kafka = stack_setting("AZURE_STORAGE_CONNECTION_STRING").split("BlobEndpoint=http://")[1]
+    wrong = KafkaResource(bootstrap_servers=not_kafka.split("/")[0], timeout_s=2.0)
+    with pytest.raises(KafkaUnavailable), wrong.consumer() as consumer:
+        wrong.partitions(consumer, settings.uploads_topic)
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert errors and "Invalid response size" in errors[0].getMessage()
