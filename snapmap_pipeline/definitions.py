@@ -37,7 +37,9 @@ ingest_job = define_asset_job(
     INGEST_JOB_NAME,
     selection=AssetSelection.assets(*STREAMING_ASSETS).without_checks(),
     description="One micro-batch of photo-uploads, from its offset range to committed offsets.",
-    tags={"snapmap/kind": "ingest"},
+    # dagster/max_runtime: run monitoring (dagster.yaml) fails a run still going after 30 min,
+    # far beyond a 5,000-message batch, so a run whose worker died never holds its partition.
+    tags={"snapmap/kind": "ingest", "dagster/max_runtime": "1800"},
     # One process per run, not per step: a micro-batch's steps are short, and a process per
     # step would cost more start-up than work.
     executor_def=in_process_executor,
