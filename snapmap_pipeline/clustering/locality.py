@@ -190,23 +190,34 @@ def closure(
     return list(members.values())
 
 
+def linked_through(
+    sources: Sequence[PhotoPoint],
+    candidates: Sequence[PhotoPoint],
+    params: ClusterParams = ClusterParams(),
+) -> list[PhotoPoint]:
+    """The ``candidates`` linked to a ``sources`` photo directly or through other
+    candidates (every hop, in memory), in the order found. Candidates must not repeat a
+    photo id; sources are never returned."""
+    waiting = list(candidates)
+    if not sources or not waiting:
+        return []
+    if (len(sources) + len(waiting)) ** 2 <= _SMALL_PAIRS:
+        return _reachable(list(sources), waiting, params)
+    found, frontier = [], list(sources)
+    while frontier and waiting:
+        frontier = linked_to(waiting, frontier, params)
+        joined = {p.photo_id for p in frontier}
+        waiting = [p for p in waiting if p.photo_id not in joined]
+        found.extend(frontier)
+    return found
+
+
 def _absorb(
     sources: list[PhotoPoint], pool: dict[str, PhotoPoint], params: ClusterParams
 ) -> list[PhotoPoint]:
     """Move every pool photo linked to ``sources``, directly or through other pool photos,
     out of ``pool``; returns them in the order found."""
-    waiting = list(pool.values())
-    if not sources or not waiting:
-        return []
-    if (len(sources) + len(waiting)) ** 2 <= _SMALL_PAIRS:
-        found = _reachable(sources, waiting, params)
-    else:
-        found, frontier = [], sources
-        while frontier and waiting:
-            frontier = linked_to(waiting, frontier, params)
-            joined = {p.photo_id for p in frontier}
-            waiting = [p for p in waiting if p.photo_id not in joined]
-            found.extend(frontier)
+    found = linked_through(sources, list(pool.values()), params)
     for photo in found:
         del pool[photo.photo_id]
     return found

@@ -6,13 +6,28 @@ Under the clustering lease: load the seed photos and the closure of photos linke
 what is stored, write the event changes conditionally and queue the photo links. The result is
 the canonical one whatever order or batches the photos came in, because the closure holds every
 photo whose decisions could depend on the seed.
+
+Loading the closure. Every read is an indexed equality or range: photos by ``_id`` (the seed),
+by ``eventId`` (events a photo moved away from), and by ``(cell, takenAt)`` for the
+neighbourhood; dead-lettered photos are dropped here rather than by an unindexed ``$ne``.
+The neighbourhood is fetched in rounds, one ``$or`` query per round (or a few for a very large
+seed): the first round fetches, for every seed photo, the cells within the link reach (2R plus
+slack) over ``takenAt`` within W, which is exactly what the locality rule needs. Everything
+fetched stays in memory and the closure is grown through it hop by hop
+(``clustering.locality.linked_through``); only photos whose own cells and times were not
+fetched yet go back to the database. Each later round doubles the time margin (up to 64 W) and
+the reach in space (up to 16 link reaches) around those photos, so a crowd that keeps going for
+hours along a street costs a number of rounds that grows with the logarithm of its length, not
+one round per hop. Wider rounds can return photos that turn out not to be linked; they are
+dropped, and the closure is the same set as with hop-by-hop fetches.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from bisect import bisect_right
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pymongo import UpdateOne
@@ -24,8 +39,10 @@ from snapmap_pipeline.clustering import (
     canonical_pass,
     diff,
     event_id_for,
-    linked_to,
+    link_reach_m,
 )
+from snapmap_pipeline.clustering.locality import linked_through
+from snapmap_pipeline.clustering.model import epoch_us, from_epoch_us
 from snapmap_pipeline.store.events import (
     WriteConflict,
     effective_links,
@@ -33,17 +50,27 @@ from snapmap_pipeline.store.events import (
     queue_links,
     write_events,
 )
-from snapmap_pipeline.store.geocell import cell_of
+from snapmap_pipeline.store.geocell import cell_of, cells_near
 from snapmap_pipeline.store.lease import clustering_lease
-from snapmap_pipeline.store.photos import (
-    PHOTO_FIELDS,
-    load_neighbourhood,
-    load_points,
-    to_point,
-)
+from snapmap_pipeline.store.photos import PHOTO_FIELDS, to_point
 
 log = logging.getLogger(__name__)
 MAX_CONFLICT_RETRIES = 5
+
+# Round k of a closure load fetches W * 2**k around new photos (k at most 6, as the engine's
+# closure does) in cells within the link reach * 2**k (k at most 4: 1.6 km at R = 50 m, about
+# one more ring of cells; wider would fetch whole districts of a busy city for one crowd).
+_MAX_TIME_DOUBLINGS = 6
+_MAX_REACH_DOUBLINGS = 4
+# Limits per query: branches of the $or (each one cell list and one takenAt range), cells over
+# all branches, and documents per reply (so a query costs 1 + returned // _REPLY_DOCS round
+# trips).
+_BRANCHES_PER_QUERY = 200
+_CELLS_PER_QUERY = 2_000
+_IDS_PER_QUERY = 5_000
+_REPLY_DOCS = 10_000
+_LOAD_FIELDS = PHOTO_FIELDS | {"deadLettered": 1}
+_LATEST = 2**63
 
 
 @dataclass
@@ -52,6 +79,9 @@ class ReclusterReport:
 
     seed_photos: int = 0
     closure_photos: int = 0
+    closure_rounds: int = 0
+    closure_queries: int = 0
+    photos_fetched: int = 0
     created: int = 0
     changed: int = 0
     tombstoned: int = 0
@@ -64,6 +94,9 @@ class ReclusterReport:
         for name in (
             "seed_photos",
             "closure_photos",
+            "closure_rounds",
+            "closure_queries",
+            "photos_fetched",
             "created",
             "changed",
             "tombstoned",
@@ -102,13 +135,15 @@ def _recluster_once(
     clock = _Clock(report)
     with clustering_lease(db) as token:
         report.lease_token = token
-        docs = load_points(db, seed_ids)
+        docs = _photos_by(db, "_id", seed_ids)
         _fill_missing_cells(db, docs.values())
-        if also_events:
-            query = {"eventId": {"$in": sorted(also_events)}, "deadLettered": {"$ne": True}}
-            for doc in db.photos.find(query, PHOTO_FIELDS):
-                docs.setdefault(doc["_id"], doc)
-        docs.update(_closure_docs(db, [to_point(d) for d in docs.values()], params))
+        for photo_id, doc in _photos_by(db, "eventId", sorted(also_events)).items():
+            docs.setdefault(photo_id, doc)
+        load = _ClosureLoad(db, params)
+        docs.update(load.grow(docs))
+        report.closure_rounds = load.rounds
+        report.closure_queries = load.queries
+        report.photos_fetched = load.photos_fetched
         clock.lap("load")
 
         points = [to_point(d) for d in docs.values()]
@@ -131,10 +166,14 @@ def _recluster_once(
     report.links_queued = len(changes.links)
     report.unchanged_events = changes.unchanged_events
     log.info(
-        "reclustered %d seed photos in a closure of %d: %d events created, %d changed, "
-        "%d tombstoned, %d links queued (lease token %d)",
+        "reclustered %d seed photos in a closure of %d (loaded in %d rounds, %d queries, %d "
+        "photos fetched): %d events created, %d changed, %d tombstoned, %d links queued "
+        "(lease token %d)",
         report.seed_photos,
         report.closure_photos,
+        report.closure_rounds,
+        report.closure_queries,
+        report.photos_fetched,
         report.created,
         report.changed,
         report.tombstoned,
@@ -144,25 +183,154 @@ def _recluster_once(
     return report
 
 
-def _closure_docs(
-    db: Database, seed: Sequence[PhotoPoint], params: ClusterParams
-) -> dict[str, dict]:
-    """Grow the seed by the stored photos linked to it until nothing new joins."""
-    known = {p.photo_id for p in seed}
+def _photos_by(db: Database, field_name: str, values: Iterable[str]) -> dict[str, dict]:
+    """Photo documents whose ``field_name`` (``_id`` or ``eventId``, both indexed) is one of
+    ``values``, minus dead-lettered photos, by id."""
+    wanted = list(values)
     found: dict[str, dict] = {}
-    frontier = list(seed)
-    while frontier:
-        candidates = [
-            doc for doc in load_neighbourhood(db, frontier, params) if doc["_id"] not in known
-        ]
-        joined = linked_to([to_point(d) for d in candidates], frontier, params)
-        joined_ids = {p.photo_id for p in joined}
-        for doc in candidates:
-            if doc["_id"] in joined_ids:
+    for start in range(0, len(wanted), _IDS_PER_QUERY):
+        query = {field_name: {"$in": wanted[start : start + _IDS_PER_QUERY]}}
+        for doc in db.photos.find(query, _LOAD_FIELDS, batch_size=_REPLY_DOCS):
+            if not doc.get("deadLettered"):
                 found[doc["_id"]] = doc
-        known |= joined_ids
-        frontier = joined
     return found
+
+
+class _ClosureLoad:
+    """The stored photos linked to some seed photos, directly or through other stored photos,
+    fetched in widening rounds (see the module docstring). Times are microseconds since the
+    epoch; a cell's fetched time ranges are closed intervals, merged."""
+
+    def __init__(self, db: Database, params: ClusterParams) -> None:
+        self._db = db
+        self._params = params
+        self._window_us = params.window_us
+        self._reach_m = link_reach_m(params.radius_m) + 1.0
+        # Snapping ranges to a grid of W makes neighbouring photos ask for the same range, so
+        # their cells share one branch of the query.
+        self._grid_us = max(self._window_us, 1_000)
+        self._fetched: dict[int, list[tuple[int, int]]] = {}
+        self.rounds = 0
+        self.queries = 0
+        self.photos_fetched = 0
+
+    def grow(self, seed_docs: dict[str, dict]) -> dict[str, dict]:
+        """The documents of the stored photos that join the seed's closure (seed excluded)."""
+        members = {photo_id: to_point(doc) for photo_id, doc in seed_docs.items()}
+        pool: dict[str, tuple[dict, PhotoPoint]] = {}
+        joined: dict[str, dict] = {}
+        frontier = list(members.values())
+        while frontier:
+            uncovered = [p for p in frontier if not self._covered(p)]
+            for doc in self._fetch_round(uncovered) if uncovered else ():
+                if doc["_id"] not in members and not doc.get("deadLettered"):
+                    pool.setdefault(doc["_id"], (doc, to_point(doc)))
+            frontier = linked_through(frontier, [p for _, p in pool.values()], self._params)
+            for photo in frontier:
+                members[photo.photo_id] = photo
+                joined[photo.photo_id] = pool.pop(photo.photo_id)[0]
+        return joined
+
+    def _covered(self, photo: PhotoPoint) -> bool:
+        """Whether every stored photo that may be linked to ``photo`` was fetched already."""
+        taken_us = epoch_us(photo.taken_at)
+        low, high = taken_us - self._window_us, taken_us + self._window_us
+        for cell in cells_near(photo.lon, photo.lat, self._reach_m):
+            ranges = self._fetched.get(cell, ())
+            i = bisect_right(ranges, (low, _LATEST)) - 1
+            if i < 0 or ranges[i][1] < high:
+                return False
+        return True
+
+    def _fetch_round(self, photos: list[PhotoPoint]) -> list[dict]:
+        """One round: fetch what ``photos`` need, widened by the round number, minus what was
+        fetched before."""
+        margin_us = self._window_us << min(self.rounds, _MAX_TIME_DOUBLINGS)
+        reach_m = self._reach_m * 2 ** min(self.rounds, _MAX_REACH_DOUBLINGS)
+        self.rounds += 1
+
+        wanted: dict[int, list[tuple[int, int]]] = {}
+        for photo in photos:
+            taken_us = epoch_us(photo.taken_at)
+            low = (taken_us - margin_us) // self._grid_us * self._grid_us
+            high = -(-(taken_us + margin_us) // self._grid_us) * self._grid_us
+            for cell in cells_near(photo.lon, photo.lat, reach_m):
+                wanted.setdefault(cell, []).append((low, high))
+
+        branches: dict[tuple[int, int], list[int]] = {}
+        for cell, ranges in wanted.items():
+            for piece in _minus(_merged(ranges), self._fetched.get(cell, [])):
+                branches.setdefault(piece, []).append(cell)
+            self._fetched[cell] = _merged(self._fetched.get(cell, []) + ranges)
+
+        docs = []
+        for query in _branch_queries(branches):
+            self.queries += 1
+            docs.extend(self._db.photos.find(query, _LOAD_FIELDS, batch_size=_REPLY_DOCS))
+        self.photos_fetched += len(docs)
+        return docs
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Closed integer intervals merged into sorted disjoint ones (touching ones joined)."""
+    merged: list[tuple[int, int]] = []
+    for low, high in sorted(ranges):
+        if merged and low <= merged[-1][1] + 1:
+            if high > merged[-1][1]:
+                merged[-1] = (merged[-1][0], high)
+        else:
+            merged.append((low, high))
+    return merged
+
+
+def _minus(ranges: list[tuple[int, int]], taken: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The integers of sorted disjoint closed ``ranges`` that no interval of sorted disjoint
+    ``taken`` holds, as closed intervals."""
+    pieces = []
+    for low, high in ranges:
+        cursor = low
+        for taken_low, taken_high in taken:
+            if taken_high < cursor:
+                continue
+            if taken_low > high:
+                break
+            if taken_low > cursor:
+                pieces.append((cursor, taken_low - 1))
+            cursor = taken_high + 1
+            if cursor > high:
+                break
+        if cursor <= high:
+            pieces.append((cursor, high))
+    return pieces
+
+
+def _branch_queries(branches: dict[tuple[int, int], list[int]]) -> Iterator[dict]:
+    """``find`` filters for ``{(low_us, high_us): cells}``: one branch per time range (the
+    cells as one ``$in``), packed into ``$or`` queries within the per-query limits."""
+    batch: list[dict] = []
+    cells_in_batch = 0
+    for (low, high), cells in sorted(branches.items()):
+        cells = sorted(cells)
+        for start in range(0, len(cells), _CELLS_PER_QUERY):
+            part = cells[start : start + _CELLS_PER_QUERY]
+            if batch and (
+                len(batch) == _BRANCHES_PER_QUERY or cells_in_batch + len(part) > _CELLS_PER_QUERY
+            ):
+                yield _or(batch)
+                batch, cells_in_batch = [], 0
+            batch.append(
+                {
+                    "cell": {"$in": part},
+                    "takenAt": {"$gte": from_epoch_us(low), "$lte": from_epoch_us(high)},
+                }
+            )
+            cells_in_batch += len(part)
+    if batch:
+        yield _or(batch)
+
+
+def _or(branches: list[dict]) -> dict:
+    return branches[0] if len(branches) == 1 else {"$or": branches}
 
 
 def _fill_missing_cells(db: Database, docs: Iterable[dict]) -> None:

@@ -1,7 +1,8 @@
 """Collections and indexes, created idempotently once per client.
 
 ``photos``: ``_id`` = photoId; GeoJSON ``location``; ``cell`` (see ``geocell``) with
-``takenAt`` for the neighbourhood loads; ``uploadedAt`` for the sweeper; ``eventId``.
+``takenAt`` for the neighbourhood loads; ``(takenAt, _id)`` for the backfill's days;
+``uploadedAt`` for the sweeper; ``eventId``.
 ``events``: ``_id`` = eventId; GeoJSON ``centroid``; ``endAt``; ``version``/``publishedVersion``
 (the outbox of event-updates). ``pending_links``: photo-to-event decisions not yet applied to
 ``photos`` (the link step's queue). ``leases``: the clustering lease. ``batches``: what each
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 _INDEXES: dict[str, list[list[tuple[str, object]]]] = {
     "photos": [
         [("cell", ASCENDING), ("takenAt", ASCENDING)],
-        [("takenAt", ASCENDING)],
+        # Serves takenAt ranges and the backfill's day pages, sorted by (takenAt, _id).
+        [("takenAt", ASCENDING), ("_id", ASCENDING)],
         [("uploadedAt", ASCENDING)],
         [("eventId", ASCENDING)],
     ],

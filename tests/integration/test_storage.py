@@ -23,7 +23,12 @@ def test_indexes_exist_after_start_and_geo_gap_is_one_plain_line(mongo, caplog):
 
     photo_keys = [dict(i["key"]) for i in db.photos.list_indexes()]
     event_keys = [dict(i["key"]) for i in db.events.list_indexes()]
-    for wanted in ({"cell": 1, "takenAt": 1}, {"uploadedAt": 1}, {"eventId": 1}):
+    for wanted in (
+        {"cell": 1, "takenAt": 1},
+        {"takenAt": 1, "_id": 1},
+        {"uploadedAt": 1},
+        {"eventId": 1},
+    ):
         assert wanted in photo_keys
     assert {"endAt": 1} in event_keys
     assert {"location": "2dsphere"} in photo_keys
