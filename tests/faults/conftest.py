@@ -114,10 +114,9 @@ def start(name: str) -> None:
 def wait_for_group_coordinator(kafka: KafkaResource, topic: str, timeout_s: float = 60) -> None:
     """Wait until the restarted broker answers committed-offset requests.
 
-    ``scripts/stack start kafka`` returns once the broker answers metadata requests; the group
-    coordinator loads a few seconds later (measured: 5-15 s), and until then
-    ``KafkaResource.committed`` raises NOT_COORDINATOR at once (reported: no retry of that
-    retriable error inside the call's timeout)."""
+    ``scripts/stack start kafka`` itself waits for a group coordinator, and
+    ``KafkaResource.committed`` retries coordinator errors for ``coordinator_retry_s``; this
+    wait keeps the outage test's own checks independent of both."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
