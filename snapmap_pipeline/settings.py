@@ -19,6 +19,21 @@ class PipelineSettings(ConfigurableResource):
     window_s: float = Field(default=300.0, description="W: join gap after an event's end, s.")
     max_messages_per_run: int = Field(default=5000, description="Offsets per micro-batch run.")
     max_runs_per_tick: int = Field(default=20, description="Run requests per sensor tick.")
+    max_pending_runs_per_partition: int = Field(
+        default=2,
+        ge=1,
+        description=(
+            "Unfinished ingest runs a partition may have before the sensor stops requesting "
+            "more for it; its backlog then goes into one larger run when one finishes."
+        ),
+    )
+    heal_after_s: float = Field(
+        default=120.0,
+        description=(
+            "A range whose every run failed or was canceled is requested again after this "
+            "long, doubling with each attempt (up to an hour)."
+        ),
+    )
     sensor_tick_budget_s: float = Field(
         default=20.0, description="A tick stops planning after this long (limit is 60 s)."
     )

@@ -14,12 +14,17 @@ observation on the ``photo_uploads`` asset.
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from dagster import (
     AssetObservation,
+    DagsterInstance,
+    DagsterInvariantViolationError,
+    DagsterRunStatus,
     DefaultSensorStatus,
     RunRequest,
+    RunsFilter,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -82,13 +87,20 @@ def rotated(partitions: list[int], first: int | None) -> list[int]:
     return partitions[at:] + partitions[:at]
 
 
-def plan_tick(kafka: KafkaResource, settings: PipelineSettings, cursor: SensorCursor) -> TickPlan:
+def plan_tick(
+    kafka: KafkaResource,
+    settings: PipelineSettings,
+    cursor: SensorCursor,
+    busy: frozenset[int] = frozenset(),
+) -> TickPlan:
     """Decide the runs of one tick from the broker's watermarks and the cursor.
 
     Partitions are planned in cyclic order from the cursor's ``resume_partition``. A tick stops
     at its time budget (always after at least one partition, so a slow broker cannot stall
     the sensor) or at ``max_runs_per_tick``; the next tick then starts at the partition after
     the last one planned: with N partitions, each is planned at least once every N ticks.
+    ``busy`` partitions already have ``max_pending_runs_per_partition`` unfinished runs: they
+    are left as they are, so their backlog goes into fewer, larger runs once those finish.
     """
     deadline = time.monotonic() + settings.sensor_tick_budget_s
     ranges: list[OffsetRange] = []
@@ -101,8 +113,11 @@ def plan_tick(kafka: KafkaResource, settings: PipelineSettings, cursor: SensorCu
         committed = kafka.committed(consumer, settings.uploads_topic, unknown) if unknown else {}
         order = rotated(partitions, cursor.resume_partition)
         planned = 0
+        position = 0
         cut_short = False
-        for partition in order:
+        for position, partition in enumerate(order):
+            if partition in busy:
+                continue
             out_of_time = planned > 0 and time.monotonic() > deadline
             if out_of_time or len(ranges) >= settings.max_runs_per_tick:
                 cut_short = True
@@ -120,11 +135,111 @@ def plan_tick(kafka: KafkaResource, settings: PipelineSettings, cursor: SensorCu
             lag[partition] = marks.high - start
             planned += 1
             cut_short = start < marks.high
-    resume = order[planned % len(order)] if cut_short and order else None
+            if cut_short:
+                position += 1
+                break
+    resume = order[position % len(order)] if cut_short and order else None
     return TickPlan(ranges, SensorCursor(offsets, resume), lag, gaps)
 
 
-def run_request_for(offsets: OffsetRange, gap: tuple[int, int] | None = None) -> RunRequest:
+UNFINISHED = [
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+    DagsterRunStatus.CANCELING,
+]
+GAVE_UP = [DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED]
+# Failed runs looked at per tick, newest first: far more than a partition's failures between
+# two commits in practice; older ones are covered by the sweeper's orphan check.
+HEAL_SCAN_LIMIT = 500
+HEAL_BACKOFF_CAP_S = 3600.0
+
+
+def busy_partitions(instance: DagsterInstance, settings: PipelineSettings) -> frozenset[int]:
+    """Partitions with ``max_pending_runs_per_partition`` or more unfinished ingest runs."""
+    runs = instance.get_runs(
+        RunsFilter(
+            job_name=INGEST_JOB_NAME,
+            statuses=UNFINISHED,
+            tags={"snapmap/topic": settings.uploads_topic},
+        )
+    )
+    pending = Counter(run.tags.get("snapmap/partition") for run in runs)
+    return frozenset(
+        int(p)
+        for p, n in pending.items()
+        if p is not None and n >= settings.max_pending_runs_per_partition
+    )
+
+
+def ranges_to_heal(
+    instance: DagsterInstance, settings: PipelineSettings, committed: dict[int, int], now: float
+) -> list[tuple[OffsetRange, int]]:
+    """Ranges not committed yet whose every run failed or was canceled (run retries included),
+    the last one long enough ago: each with the number of attempts so far.
+
+    Dagster's run retries handle a brief fault; after a longer one (a database down for
+    several minutes) they are spent, and without this the range would stay unapplied and the
+    partition's commit would stop there until someone re-executed it by hand."""
+    gave_up = instance.get_run_records(
+        RunsFilter(
+            job_name=INGEST_JOB_NAME,
+            statuses=GAVE_UP,
+            tags={"snapmap/topic": settings.uploads_topic},
+        ),
+        limit=HEAL_SCAN_LIMIT,
+    )
+    candidates: dict[str, tuple[OffsetRange, float]] = {}
+    for record in gave_up:
+        offsets = offsets_of(record.dagster_run.tags, settings.uploads_topic)
+        if offsets is None or offsets.last < committed.get(offsets.partition, 0):
+            continue
+        ended = record.end_time or record.update_timestamp.timestamp()
+        known = candidates.get(offsets.key)
+        candidates[offsets.key] = (offsets, max(ended, known[1] if known else 0.0))
+    healed = []
+    for _key, (offsets, last_end) in sorted(candidates.items()):
+        runs = instance.get_runs(
+            RunsFilter(
+                job_name=INGEST_JOB_NAME,
+                tags={
+                    "snapmap/topic": offsets.topic,
+                    "snapmap/partition": str(offsets.partition),
+                    "snapmap/offsets": f"{offsets.first}-{offsets.last}",
+                },
+            )
+        )
+        if any(run.status not in GAVE_UP for run in runs):
+            continue  # applied, or a run (a retry, a re-execution) is still on it
+        attempts = len(runs)
+        backoff = min(settings.heal_after_s * 2 ** max(attempts - 1, 0), HEAL_BACKOFF_CAP_S)
+        if now - last_end >= backoff:
+            healed.append((offsets, attempts))
+    return healed
+
+
+def instance_of(context: SensorEvaluationContext) -> DagsterInstance | None:
+    """The instance the tick runs in; None for a context built without one (unit use)."""
+    try:
+        return context.instance
+    except DagsterInvariantViolationError:
+        return None
+
+
+def offsets_of(tags: dict[str, str], topic: str) -> OffsetRange | None:
+    if tags.get("snapmap/topic") != topic:
+        return None
+    try:
+        first, last = (int(x) for x in tags["snapmap/offsets"].split("-"))
+        return OffsetRange(topic, int(tags["snapmap/partition"]), first, last)
+    except (KeyError, ValueError):
+        return None
+
+
+def run_request_for(
+    offsets: OffsetRange, gap: tuple[int, int] | None = None, attempt: int = 0
+) -> RunRequest:
     tags = {
         "snapmap/topic": offsets.topic,
         "snapmap/partition": str(offsets.partition),
@@ -133,7 +248,12 @@ def run_request_for(offsets: OffsetRange, gap: tuple[int, int] | None = None) ->
     }
     if gap is not None:
         tags["snapmap/retention_gap"] = f"{gap[0]}-{gap[1]}"
-    return RunRequest(run_key=offsets.key, run_config=ingest_run_config(offsets), tags=tags)
+    run_key = offsets.key
+    if attempt:
+        # A new key per attempt: the range's earlier run keys are spent.
+        tags["snapmap/heal_attempt"] = str(attempt)
+        run_key = f"{offsets.key}#heal{attempt}"
+    return RunRequest(run_key=run_key, run_config=ingest_run_config(offsets), tags=tags)
 
 
 @sensor(
@@ -145,7 +265,15 @@ def run_request_for(offsets: OffsetRange, gap: tuple[int, int] | None = None) ->
 def photo_uploads_sensor(
     context: SensorEvaluationContext, kafka: KafkaResource, settings: PipelineSettings
 ) -> SensorResult | SkipReason:
-    plan = plan_tick(kafka, settings, SensorCursor.parse(context.cursor))
+    instance = instance_of(context)
+    busy = busy_partitions(instance, settings) if instance else frozenset()
+    plan = plan_tick(kafka, settings, SensorCursor.parse(context.cursor), busy)
+    heal = []
+    if instance is not None:
+        with kafka.consumer() as consumer:
+            partitions = kafka.partitions(consumer, settings.uploads_topic)
+            committed = kafka.committed(consumer, settings.uploads_topic, partitions)
+        heal = ranges_to_heal(instance, settings, committed, time.time())
 
     observations = []
     for partition, (first, last) in plan.gaps.items():
@@ -170,6 +298,13 @@ def photo_uploads_sensor(
     for offsets in plan.ranges:
         gap = plan.gaps.pop(offsets.partition, None)
         requests.append(run_request_for(offsets, gap))
+    for offsets, attempts in heal:
+        context.log.warning(
+            "%s: every run of it failed or was canceled (%d so far); requesting it again",
+            offsets.key,
+            attempts,
+        )
+        requests.append(run_request_for(offsets, attempt=attempts))
 
     lag_text = ", ".join(f"p{p}={n}" for p, n in sorted(plan.lag.items()))
     if requests:
