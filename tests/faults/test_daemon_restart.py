@@ -40,6 +40,13 @@ pytestmark = [pytest.mark.faults, pytest.mark.sweeper, pytest.mark.slow]
 
 DAYS = [f"2026-03-{day:02d}" for day in range(1, 9)]
 BACKFILL_TIMEOUT_S = 600
+# Terminal states of a backfill (FAILING and CANCELING still have runs in flight).
+FINISHED = {
+    BulkActionStatus.COMPLETED_SUCCESS,
+    BulkActionStatus.COMPLETED_FAILED,
+    BulkActionStatus.FAILED,
+    BulkActionStatus.CANCELED,
+}
 LAUNCH_BACKFILL = """
 mutation($backfillParams: LaunchBackfillParams!) {
   launchPartitionBackfill(backfillParams: $backfillParams) {
@@ -225,7 +232,7 @@ def test_daemon_killed_mid_backfill_then_restarted(
 
             daemons.append(Daemon(env, tmp_path / "daemon-2.log"))
             wait_for(
-                lambda: instance.get_backfill(backfill_id).status != BulkActionStatus.REQUESTED,
+                lambda: instance.get_backfill(backfill_id).status in FINISHED,
                 BACKFILL_TIMEOUT_S,
                 "the backfill to finish",
                 daemons[1],
