@@ -272,7 +272,10 @@ def photo_uploads_sensor(
     if instance is not None:
         with kafka.consumer() as consumer:
             partitions = kafka.partitions(consumer, settings.uploads_topic)
-            committed = kafka.committed(consumer, settings.uploads_topic, partitions)
+            # A loading group coordinator fails the tick (nothing moves) rather than hold it.
+            committed = kafka.committed(
+                consumer, settings.uploads_topic, partitions, coordinator_retry_s=5.0
+            )
         heal = ranges_to_heal(instance, settings, committed, time.time())
 
     observations = []

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 
 from pymongo import UpdateOne
 from pymongo.database import Database
+from pymongo.errors import BulkWriteError
 
 from snapmap_pipeline.clustering import ClusterParams, PhotoPoint
 from snapmap_pipeline.contract.validation import PhotoUpload
@@ -18,35 +19,56 @@ PHOTO_FIELDS = {"location": 1, "takenAt": 1, "eventId": 1, "cell": 1}
 _CELLS_PER_QUERY = 500
 
 
+def source_version(source: dict, published_at: datetime | None) -> str:
+    """Which of two messages about one photo is newer, as a string that sorts that way: the
+    broker's publish time, then partition and offset (ties only between partitions)."""
+    millis = int(published_at.timestamp() * 1000) if published_at else 0
+    return f"{millis:015d}:{int(source['partition']):06d}:{int(source['offset']):020d}"
+
+
 def upsert_uploads(db: Database, uploads: Sequence[tuple[PhotoUpload, dict, datetime]]) -> int:
     """Upsert the photos of valid messages: ``(upload, source, published_at)`` triples.
 
     A photo the upload backend already wrote is updated, never duplicated; one that does not
     exist yet is created from the message. ``uploadedAt`` and ``eventId`` are only set on insert.
+    The newest message about a photo wins whatever order runs apply them in: a write carries
+    its ``sourceVersion`` and changes a document only when that is not older than the stored
+    one (replaying an old range cannot bring back a photo's old location).
     Returns the number of documents created or modified.
     """
     if not uploads:
         return 0
     requests = []
     for upload, source, published_at in uploads:
+        version = source_version(source, published_at)
         fields = {
             "location": {"type": "Point", "coordinates": [upload.lon, upload.lat]},
             "cell": cell_of(upload.lon, upload.lat),
             "takenAt": upload.taken_at,
             "storageUrl": upload.storage_url,
             "source": source,
+            "sourceVersion": version,
         }
         if upload.extra:
             # Kept as text: extra keys are not vetted as MongoDB field names.
             fields["extraJson"] = json.dumps(upload.extra, sort_keys=True)
+        not_newer = {"$or": [{"sourceVersion": None}, {"sourceVersion": {"$lte": version}}]}
         requests.append(
             UpdateOne(
-                {"_id": upload.photo_id},
+                {"_id": upload.photo_id, **not_newer},
                 {"$set": fields, "$setOnInsert": {"uploadedAt": published_at, "eventId": None}},
                 upsert=True,
             )
         )
-    result = db.photos.bulk_write(requests, ordered=False)
+    try:
+        result = db.photos.bulk_write(requests, ordered=False)
+    except BulkWriteError as error:
+        # The document exists with a newer sourceVersion: the filter missed it and the upsert's
+        # insert hit the _id. That message is superseded; anything else is a real failure.
+        others = [e for e in error.details.get("writeErrors", []) if e.get("code") != 11000]
+        if others or error.details.get("writeConcernErrors"):
+            raise
+        return error.details.get("nUpserted", 0) + error.details.get("nModified", 0)
     return result.upserted_count + result.modified_count
 
 
