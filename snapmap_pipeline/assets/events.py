@@ -1,6 +1,5 @@
 """Clustering, linking, publishing and committing: the rest of a micro-batch."""
 
-
 from dagster import AssetExecutionContext, MaterializeResult, Output, asset
 
 from snapmap_pipeline.assets.ingest import OWNERS, IngestedBatch

@@ -1,7 +1,6 @@
 """The first step of a micro-batch: read exactly its offset range, dead-letter what breaks the
 contract, upsert the valid photos."""
 
-
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
