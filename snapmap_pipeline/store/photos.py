@@ -8,11 +8,11 @@ from datetime import datetime, timedelta
 
 from pymongo import UpdateOne
 from pymongo.database import Database
-from pymongo.errors import BulkWriteError
 
 from snapmap_pipeline.clustering import ClusterParams, PhotoPoint
 from snapmap_pipeline.contract.validation import PhotoUpload
 from snapmap_pipeline.store.geocell import cell_of, cells_near
+from snapmap_pipeline.store.lease import clustering_lease
 
 PHOTO_FIELDS = {"location": 1, "takenAt": 1, "eventId": 1, "cell": 1}
 # Cells per query: keeps each $in small enough for any server; more cells mean more queries.
@@ -31,44 +31,54 @@ def upsert_uploads(db: Database, uploads: Sequence[tuple[PhotoUpload, dict, date
 
     A photo the upload backend already wrote is updated, never duplicated; one that does not
     exist yet is created from the message. ``uploadedAt`` and ``eventId`` are only set on insert.
-    The newest message about a photo wins whatever order runs apply them in: a write carries
-    its ``sourceVersion`` and changes a document only when that is not older than the stored
-    one (replaying an old range cannot bring back a photo's old location).
-    Returns the number of documents created or modified.
+    The newest message about a photo wins whatever order runs apply them in: each write carries
+    its ``sourceVersion``, and a message older than the stored version is not applied (a replay
+    of an old range cannot bring back a photo's old location). The versions are read and the
+    writes made under the clustering lease, so no other run writes a photo in between; every
+    query is by ``_id`` (a filter on the version as well would be a collection scan on the
+    local server). Returns the number of documents created or modified.
     """
     if not uploads:
         return 0
-    requests = []
-    for upload, source, published_at in uploads:
-        version = source_version(source, published_at)
-        fields = {
-            "location": {"type": "Point", "coordinates": [upload.lon, upload.lat]},
-            "cell": cell_of(upload.lon, upload.lat),
-            "takenAt": upload.taken_at,
-            "storageUrl": upload.storage_url,
-            "source": source,
-            "sourceVersion": version,
+    versions = {
+        upload.photo_id: source_version(source, published_at)
+        for upload, source, published_at in uploads
+    }
+    with clustering_lease(db):
+        stored = {
+            d["_id"]: d.get("sourceVersion")
+            for d in db.photos.find({"_id": {"$in": list(versions)}}, {"sourceVersion": 1})
         }
-        if upload.extra:
-            # Kept as text: extra keys are not vetted as MongoDB field names.
-            fields["extraJson"] = json.dumps(upload.extra, sort_keys=True)
-        not_newer = {"$or": [{"sourceVersion": None}, {"sourceVersion": {"$lte": version}}]}
-        requests.append(
-            UpdateOne(
-                {"_id": upload.photo_id, **not_newer},
-                {"$set": fields, "$setOnInsert": {"uploadedAt": published_at, "eventId": None}},
-                upsert=True,
+        requests = []
+        for upload, source, published_at in uploads:
+            version = versions[upload.photo_id]
+            newer = stored.get(upload.photo_id)
+            if newer is not None and newer > version:
+                continue  # superseded by a message already applied
+            fields = {
+                "location": {"type": "Point", "coordinates": [upload.lon, upload.lat]},
+                "cell": cell_of(upload.lon, upload.lat),
+                "takenAt": upload.taken_at,
+                "storageUrl": upload.storage_url,
+                "source": source,
+                "sourceVersion": version,
+            }
+            if upload.extra:
+                # Kept as text: extra keys are not vetted as MongoDB field names.
+                fields["extraJson"] = json.dumps(upload.extra, sort_keys=True)
+            requests.append(
+                UpdateOne(
+                    {"_id": upload.photo_id},
+                    {
+                        "$set": fields,
+                        "$setOnInsert": {"uploadedAt": published_at, "eventId": None},
+                    },
+                    upsert=True,
+                )
             )
-        )
-    try:
+        if not requests:
+            return 0
         result = db.photos.bulk_write(requests, ordered=False)
-    except BulkWriteError as error:
-        # The document exists with a newer sourceVersion: the filter missed it and the upsert's
-        # insert hit the _id. That message is superseded; anything else is a real failure.
-        others = [e for e in error.details.get("writeErrors", []) if e.get("code") != 11000]
-        if others or error.details.get("writeConcernErrors"):
-            raise
-        return error.details.get("nUpserted", 0) + error.details.get("nModified", 0)
     return result.upserted_count + result.modified_count
 
 
