@@ -164,11 +164,12 @@ def recluster_day(
     return report
 
 
-def apply_all_links(db: Database) -> tuple[int, int]:
-    """Drain the link queue; returns (decisions applied, photos whose event changed)."""
+def apply_all_links(db: Database, take_lease: bool = True) -> tuple[int, int]:
+    """Drain the link queue; returns (decisions applied, photos whose event changed).
+    ``take_lease=False`` when the caller holds the clustering lease already."""
     applied = changed = 0
     while True:
-        batch_changed, batch_applied = apply_pending_links(db)
+        batch_changed, batch_applied = apply_pending_links(db, take_lease=take_lease)
         if batch_applied == 0:
             return applied, changed
         applied += batch_applied

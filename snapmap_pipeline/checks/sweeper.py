@@ -241,7 +241,7 @@ def confirm_counts(db: Database, suspects: Sequence[CountMismatch]) -> list[Coun
     ids = [s.event_id for s in suspects]
     confirmed: list[CountMismatch] = []
     with clustering_lease(db):
-        apply_all_links(db)
+        apply_all_links(db, take_lease=False)
         for chunk in _chunks(ids):
             linked = {g["_id"]: g["photos"] for g in _linked_counts(db, chunk)}
             stored = {

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from datetime import UTC, datetime
 
 from pymongo import DeleteOne, UpdateOne
 from pymongo.database import Database
 
 from snapmap_pipeline.clustering import Changes, ClusterParams, Event, StoredEvent
+from snapmap_pipeline.store.lease import clustering_lease
 
 
 class WriteConflict(RuntimeError):
@@ -119,26 +121,38 @@ def queue_links(db: Database, links: Mapping[str, str], token: int) -> None:
         db.pending_links.bulk_write(requests[start : start + 10_000], ordered=False)
 
 
-def apply_pending_links(db: Database, limit: int = 50_000) -> tuple[int, int]:
+def apply_pending_links(
+    db: Database, limit: int = 50_000, take_lease: bool = True
+) -> tuple[int, int]:
     """Apply queued link decisions to ``photos.eventId``, oldest token first, and dequeue them.
 
     A photo only takes a decision whose token is newer than the one it last took, so a slow
-    link step can never undo a newer decision. Returns (photos changed, decisions applied).
+    link step can never undo a newer decision. The photos' tokens are read and the writes made
+    under the clustering lease, by ``_id`` only (a token condition in the filter would be a
+    collection scan per photo on the local server). ``take_lease=False`` is for a caller that
+    already holds it (the lease is not re-entrant). Returns (photos changed, decisions applied).
     """
     pending = list(db.pending_links.find({}).sort("token", 1).limit(limit))
     if not pending:
         return 0, 0
-    updates = [
-        UpdateOne(
-            {
-                "_id": p["_id"],
-                "$or": [{"linkToken": {"$lt": p["token"]}}, {"linkToken": None}],
-            },
-            {"$set": {"eventId": p["eventId"], "linkToken": p["token"]}},
-        )
-        for p in pending
-    ]
-    changed = db.photos.bulk_write(updates, ordered=False).modified_count
+    changed = 0
+    with clustering_lease(db) if take_lease else nullcontext():
+        taken: dict[str, int | None] = {}
+        ids = [p["_id"] for p in pending]
+        for start in range(0, len(ids), 5000):
+            query = {"_id": {"$in": ids[start : start + 5000]}}
+            for doc in db.photos.find(query, {"linkToken": 1}):
+                taken[doc["_id"]] = doc.get("linkToken")
+        updates = [
+            UpdateOne(
+                {"_id": p["_id"]},
+                {"$set": {"eventId": p["eventId"], "linkToken": p["token"]}},
+            )
+            for p in pending
+            if p["_id"] in taken and (taken[p["_id"]] is None or taken[p["_id"]] < p["token"])
+        ]
+        if updates:
+            changed = db.photos.bulk_write(updates, ordered=False).modified_count
     db.pending_links.bulk_write(
         [DeleteOne({"_id": p["_id"], "token": p["token"]}) for p in pending], ordered=False
     )
