@@ -27,7 +27,7 @@ from datetime import timedelta
 
 from pymongo import InsertOne, UpdateOne
 
-from bench.pipeline.common import DAY_END, emit, isolated_stack, machine, median
+from bench.pipeline.common import DAY_END, emit, event_upserts, isolated_stack, machine, median
 from snapmap_pipeline.clustering import ClusterParams, PhotoPoint, canonical_pass
 from snapmap_pipeline.simulator.generator import StreamConfig, generate_stream
 from snapmap_pipeline.store.geocell import cell_of
@@ -79,24 +79,7 @@ def measure_limit(db) -> dict:
     result = canonical_pass(points, ClusterParams())
 
     started = time.perf_counter()
-    events = [
-        UpdateOne(
-            {"_id": e.event_id},
-            {
-                "$set": {
-                    "centroid": {"type": "Point", "coordinates": [e.lon, e.lat]},
-                    "radiusM": e.radius_m,
-                    "startAt": e.start_at,
-                    "endAt": e.end_at,
-                    "photoCount": e.photo_count,
-                    "firstPhotoId": e.first_photo_id,
-                    "version": 1,
-                }
-            },
-            upsert=True,
-        )
-        for e in result.events.values()
-    ]
+    events = event_upserts(result)
     for start in range(0, len(events), BULK):
         db.limit_events.bulk_write(events[start : start + BULK], ordered=False)
     event_s = time.perf_counter() - started

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pymongo import MongoClient
+from pymongo import MongoClient, UpdateOne
 
 from snapmap_pipeline.resources.blob import BlobStorageResource
 from snapmap_pipeline.resources.kafka import KafkaResource
@@ -163,3 +163,25 @@ def emit(name: str, result: dict) -> None:
     out.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     (out / f"{name}-{stamp}.json").write_text(text + "\n")
+
+
+def event_upserts(result) -> list[UpdateOne]:
+    """The event documents of a canonical pass as plain upserts: the ceiling's event writes."""
+    return [
+        UpdateOne(
+            {"_id": e.event_id},
+            {
+                "$set": {
+                    "centroid": {"type": "Point", "coordinates": [e.lon, e.lat]},
+                    "radiusM": e.radius_m,
+                    "startAt": e.start_at,
+                    "endAt": e.end_at,
+                    "photoCount": e.photo_count,
+                    "firstPhotoId": e.first_photo_id,
+                    "version": 1,
+                }
+            },
+            upsert=True,
+        )
+        for e in result.events.values()
+    ]

@@ -30,6 +30,7 @@ from pymongo import UpdateOne
 from bench.pipeline.common import (
     emit,
     env,
+    event_upserts,
     isolated_stack,
     machine,
     median,
@@ -148,24 +149,7 @@ def one_run(photos: int, seed: int) -> dict:
             PhotoPoint(d["_id"], d["takenAt"], *d["location"]["coordinates"]) for d in documents
         ]
         result = canonical_pass(points, ClusterParams())
-        events = [
-            UpdateOne(
-                {"_id": e.event_id},
-                {
-                    "$set": {
-                        "centroid": {"type": "Point", "coordinates": [e.lon, e.lat]},
-                        "radiusM": e.radius_m,
-                        "startAt": e.start_at,
-                        "endAt": e.end_at,
-                        "photoCount": e.photo_count,
-                        "firstPhotoId": e.first_photo_id,
-                        "version": 1,
-                    }
-                },
-                upsert=True,
-            )
-            for e in result.events.values()
-        ]
+        events = event_upserts(result)
         event_s = bulk(db.events, events)
         links = [
             UpdateOne({"_id": photo_id}, {"$set": {"eventId": event_id}})
