@@ -379,7 +379,9 @@ def kafka_python_client():
 
 class Kafka(Service):
     name = "kafka"
-    start_timeout = 90.0
+    # A restart reloads every partition before the group coordinator answers; with many
+    # partitions on a busy 2-core machine that took over 90 s. Still a bound, never a hang.
+    start_timeout = 240.0
 
     @property
     def ports(self) -> list[int]:
