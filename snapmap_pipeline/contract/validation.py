@@ -90,7 +90,7 @@ def parse_timestamp(text: str, reference: datetime | None = None) -> datetime:
     ``reference`` is the message's own time (its Kafka timestamp); photos more than a day after
     it are rejected. Without one, only the lower bound applies.
     """
-    match = _TIMESTAMP.match(text) if isinstance(text, str) else None
+    match = _TIMESTAMP.fullmatch(text) if isinstance(text, str) else None
     if match is None:
         raise InvalidUpload(
             "bad_timestamp",
@@ -111,7 +111,10 @@ def parse_timestamp(text: str, reference: datetime | None = None) -> datetime:
         )
     except ValueError as error:
         raise InvalidUpload("bad_timestamp", f"timestamp {text[:40]!r}: {error}") from None
-    taken_at = (local - offset).replace(tzinfo=UTC)
+    try:
+        taken_at = (local - offset).replace(tzinfo=UTC)
+    except OverflowError:
+        raise InvalidUpload("bad_timestamp", f"timestamp {text[:40]!r} is out of range") from None
 
     if taken_at < EARLIEST_TAKEN_AT:
         raise InvalidUpload("timestamp_out_of_range", f"timestamp {text} is before 2000-01-01")
@@ -128,7 +131,24 @@ def validate_upload(
     policy: StorageUrlPolicy,
     published_at: datetime | None = None,
 ) -> PhotoUpload:
-    """Turn the raw bytes of one message into a ``PhotoUpload`` or raise ``InvalidUpload``."""
+    """Turn the raw bytes of one message into a ``PhotoUpload`` or raise ``InvalidUpload``.
+
+    Nothing else escapes: an input that makes parsing itself fail (an overflow, nesting past
+    the recursion limit, an integer past Python's digit limit) is that message's fault and is
+    rejected like any other, never an error that fails the run and blocks its partition.
+    """
+    try:
+        return _validate(raw, policy, published_at)
+    except InvalidUpload:
+        raise
+    except (ArithmeticError, ValueError, RecursionError, TypeError) as error:
+        reason = f"message cannot be parsed: {type(error).__name__}: {error}"
+        raise InvalidUpload("unparseable", _short(reason)) from None
+
+
+def _validate(
+    raw: bytes | None, policy: StorageUrlPolicy, published_at: datetime | None
+) -> PhotoUpload:
     if raw is None or len(raw) == 0:
         raise InvalidUpload("empty", "message has no value")
     if len(raw) > MAX_MESSAGE_BYTES:
@@ -143,6 +163,12 @@ def validate_upload(
         )
     except json.JSONDecodeError as error:
         raise InvalidUpload("not_json", f"not JSON: {error.msg} at char {error.pos}") from None
+    except InvalidUpload:
+        raise  # from the hooks: a duplicate key, NaN or Infinity
+    except (ValueError, RecursionError) as error:
+        # Integers past Python's digit limit; arrays or objects nested past the recursion limit.
+        reason = f"not JSON this pipeline accepts: {type(error).__name__}: {error}"
+        raise InvalidUpload("not_json", _short(reason)) from None
     if not isinstance(document, dict):
         raise InvalidUpload("not_object", f"message is a JSON {type(document).__name__}")
 
@@ -150,6 +176,14 @@ def validate_upload(
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "message"
         raise InvalidUpload("schema", f"{where}: {_short(error.message)}")
+    # The schema's patterns end in "$", which in Python's re (unlike ECMA 262, the dialect of
+    # JSON Schema) also matches before a final newline.
+    for where, text in (
+        *((f"field name {k[:40]!r}", k) for k in document),
+        *((k, document[k]) for k in ("photoId", "timestamp", "storageUrl")),
+    ):
+        if text.endswith("\n"):
+            raise InvalidUpload("schema", f"{where}: ends with a newline")
 
     taken_at = parse_timestamp(document["timestamp"], published_at)
     try:

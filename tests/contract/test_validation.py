@@ -132,6 +132,30 @@ HOSTILE = {
         "schema",
     ),
     "extra key with dollar": (message(**{"$where": "1"}), "schema"),
+    # Inputs that once crashed the validator (and so blocked their partition) instead of being
+    # rejected: datetime overflow on either end, nesting past the recursion limit, integers
+    # past Python's digit limit, and "$" matching before a trailing newline.
+    "timestamp overflows year 9999": (
+        message(timestamp="9999-12-31T23:59:59-14:00"),
+        "bad_timestamp",
+    ),
+    "timestamp underflows year 1": (
+        message(timestamp="0001-01-01T00:00:00+01:00"),
+        "bad_timestamp",
+    ),
+    "deep nesting": (b"[" * 30_000 + b"]" * 30_000, "not_json"),
+    "deep nesting in extra field": (
+        message()[:-1] + b', "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+        "not_json",
+    ),
+    "5000-digit extra field": (message()[:-1] + b', "n": ' + b"9" * 5000 + b"}", "not_json"),
+    "5000-digit longitude": (
+        message().replace(b"81.772379", b"9" * 5000),
+        "not_json",
+    ),
+    "photo id with trailing newline": (message(photoId="abc\n"), "schema"),
+    "timestamp with trailing newline": (message(timestamp="2026-01-17T13:20:00Z\n"), "schema"),
+    "field name with trailing newline": (message(**{"device\n": 1}), "schema"),
 }
 
 
