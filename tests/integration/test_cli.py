@@ -12,7 +12,9 @@ from pymongo import MongoClient
 from snapmap_pipeline.cli import merge_ranges, uncovered
 from snapmap_pipeline.definitions import build_definitions
 from snapmap_pipeline.jobs import INGEST_JOB_NAME
+from snapmap_pipeline.resources.kafka import OffsetRange
 from snapmap_pipeline.resources.mongo import MongoResource
+from snapmap_pipeline.sensors.kafka_sensor import run_request_for
 from tests.integration.pipeline import Harness, photo_events, publish, upload
 from tests.integration.sweeper_data import backfill, cli_env, snapmap, stored_state, three_days
 
@@ -149,4 +151,24 @@ def test_accounting_is_clean_after_ingest_and_names_what_is_wrong(
     assert (
         f"UNACCOUNTED {settings.uploads_topic}/{partition} offsets 0-{forgotten['last']}"
         in unaccounted.stdout
+    )
+
+    # A range whose runs failed while later ones were applied: nothing is lost (it is pending),
+    # but the commit waits for it, so the accounting says so and exits 3.
+    kafka.commit_offset(settings.uploads_topic, partition, 0)
+    with kafka.consumer() as consumer:
+        high = kafka.watermarks(consumer, settings.uploads_topic, partition).high
+    late = [upload(f"acc-late-{i}", f"2026-06-06T16:0{i}:00Z", 2.40, 48.85) for i in range(3)]
+    publish(kafka, settings.uploads_topic, late, partition=partition)
+    request = run_request_for(OffsetRange(settings.uploads_topic, partition, high, high + 2))
+    job = build_definitions(resources).resolve_job_def(INGEST_JOB_NAME)
+    with instance_for_test() as instance:
+        assert job.execute_in_process(
+            run_config=request.run_config, instance=instance, tags=request.tags
+        ).success
+    stalled = snapmap(args, env)
+    assert stalled.returncode == 3, stalled.stdout + stalled.stderr
+    assert (
+        f"STALLED {settings.uploads_topic}/{partition} offsets 0-{high - 1}: pending while "
+        "3 later offsets are applied" in stalled.stdout
     )
