@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Sequence
+from datetime import datetime
 
 from pymongo import UpdateOne
 from pymongo.database import Database
 
-from snapmap_pipeline.clustering import ClusterParams, PhotoPoint
+from snapmap_pipeline.clustering import PhotoPoint
 from snapmap_pipeline.contract.validation import PhotoUpload
-from snapmap_pipeline.store.geocell import cell_of, cells_near
+from snapmap_pipeline.store.geocell import cell_of
 from snapmap_pipeline.store.lease import clustering_lease
 
 PHOTO_FIELDS = {"location": 1, "takenAt": 1, "eventId": 1, "cell": 1}
-# Cells per query: keeps each $in small enough for any server; more cells mean more queries.
-_CELLS_PER_QUERY = 500
 
 
 def source_version(source: dict, published_at: datetime | None) -> str:
@@ -85,57 +83,6 @@ def upsert_uploads(db: Database, uploads: Sequence[tuple[PhotoUpload, dict, date
 def to_point(document: dict) -> PhotoPoint:
     lon, lat = document["location"]["coordinates"]
     return PhotoPoint(document["_id"], document["takenAt"], float(lon), float(lat))
-
-
-def load_points(db: Database, photo_ids: Iterable[str]) -> dict[str, dict]:
-    """Photo documents (location, takenAt, eventId) by id."""
-    ids = list(photo_ids)
-    found: dict[str, dict] = {}
-    for start in range(0, len(ids), 5000):
-        chunk = ids[start : start + 5000]
-        query = {"_id": {"$in": chunk}, "deadLettered": {"$ne": True}}
-        for document in db.photos.find(query, PHOTO_FIELDS):
-            found[document["_id"]] = document
-    return found
-
-
-def load_neighbourhood(
-    db: Database, frontier: Sequence[PhotoPoint], params: ClusterParams
-) -> list[dict]:
-    """Every stored photo that may be linked to a frontier photo: taken within W of it, in a
-    cell within 2R of it. A superset; the engine keeps only the photos really linked.
-
-    Frontier photos are grouped into time buckets of W so that one query per bucket covers
-    its cells with a tight ``takenAt`` range (indexed by ``(cell, takenAt)``).
-    """
-    window = timedelta(seconds=params.window_s)
-    reach_m = 2.0 * params.radius_m + 1.0
-    buckets: dict[int, tuple[set[int], datetime, datetime]] = {}
-    bucket_s = max(params.window_s, 1.0)
-    for photo in frontier:
-        key = int(photo.taken_at.timestamp() // bucket_s)
-        cells, low, high = buckets.get(key, (set(), photo.taken_at, photo.taken_at))
-        cells |= cells_near(photo.lon, photo.lat, reach_m)
-        buckets[key] = (cells, min(low, photo.taken_at), max(high, photo.taken_at))
-
-    found: dict[str, dict] = {}
-    for cells, low, high in buckets.values():
-        cell_list = sorted(cells)
-        for start in range(0, len(cell_list), _CELLS_PER_QUERY):
-            query = {
-                "cell": {"$in": cell_list[start : start + _CELLS_PER_QUERY]},
-                "takenAt": {"$gte": low - window, "$lte": high + window},
-                "deadLettered": {"$ne": True},
-            }
-            for document in db.photos.find(query, PHOTO_FIELDS):
-                found[document["_id"]] = document
-    return list(found.values())
-
-
-def photo_ids_taken_between(db: Database, start: datetime, end: datetime) -> list[str]:
-    """Ids of photos with ``start <= takenAt < end`` (a daily partition's own photos)."""
-    query = {"takenAt": {"$gte": start, "$lt": end}}
-    return [d["_id"] for d in db.photos.find(query, {"_id": 1})]
 
 
 def orphan_ids(db: Database, uploaded_before: datetime, limit: int) -> list[str]:
