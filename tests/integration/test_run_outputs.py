@@ -25,7 +25,7 @@ from dagster import (
 from snapmap_pipeline.definitions import build_definitions
 from snapmap_pipeline.jobs import INGEST_JOB_NAME
 from snapmap_pipeline.resources.kafka import KafkaResource
-from tests.integration.pipeline import Harness, photo_events, publish, upload
+from tests.integration.pipeline import Harness, photo_events, publish, resource_specs, upload
 from tests.integration.test_ingestion import committed
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kafka]
@@ -72,11 +72,9 @@ def test_run_reexecuted_from_failure_loads_its_own_batch(
 ):
     marker = tmp_path / "refuse-commit"
     failing = CommitRefusedWhileMarked(**kafka.model_dump(), marker=str(marker))
-    specs = {
-        name: (f"{type(r).__module__}.{type(r).__qualname__}", r.model_dump())
-        for name, r in {**resources, "kafka": failing}.items()
-    }
-    monkeypatch.setenv(SPECS_VAR, json.dumps(specs))
+    specs = resource_specs({**resources, "kafka": failing})
+    as_paths = {name: (f"{c.__module__}.{c.__qualname__}", f) for name, (c, f) in specs.items()}
+    monkeypatch.setenv(SPECS_VAR, json.dumps(as_paths))
     # Two micro-batches far apart (so their clustering is independent), one per partition.
     for partition, lon in ((0, 13.40), (1, 2.35)):
         values = [
