@@ -238,11 +238,16 @@ def proc_stat(pid: int) -> list[str] | None:
     return raw[raw.rindex(")") + 2 :].split()
 
 
-def boot_time() -> float:
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith("btime "):
-            return float(line.split()[1])
-    raise StackError("cannot read the boot time from /proc/stat")
+def process_identity(pid: int) -> tuple[int, int] | None:
+    """(session id, start time in clock ticks since boot) of a live process, or None.
+
+    We start every server as the leader of its own session, so a live server's session id is
+    its pid; the start time, from /proc, is fixed for the life of the process.
+    """
+    fields = proc_stat(pid)
+    if fields is None or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[3]), int(fields[19])
 
 
 def reap(pid: int) -> None:
@@ -340,21 +345,32 @@ class Service:
     def running_pid(self) -> int | None:
         """The pid from our pid file if that process is still the one we started."""
         try:
-            pid = int(self.pid_file.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
+            recorded = [int(field) for field in self.pid_file.read_text().split()]
+        except (OSError, ValueError):
             return None
+        if not 1 <= len(recorded) <= 2:
+            return None
+        pid = recorded[0]
         reap(pid)
-        fields = proc_stat(pid)
-        if fields is None or fields[0] in ("Z", "X"):
+        identity = process_identity(pid)
+        if identity is None or identity[0] != pid:
             return None
-        # We start every server as the leader of its own session and write the pid file
-        # right after it started; a recycled pid or a stale file fails one of the two.
-        session = int(fields[3])
-        started = boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-        written = self.pid_file.stat().st_mtime
-        if session != pid or not written - 60 <= started <= written + 2:
+        # A file holding the pid alone was written by an older version of this script; its
+        # server is still recognised as the leader of its own session.
+        if len(recorded) == 2 and identity[1] != recorded[1]:
             return None
         return pid
+
+    def record_pid(self, pid: int) -> None:
+        """Write the pid file: the pid and the process's start time in clock ticks since boot.
+
+        The start time is what tells our server from a later process given the same pid. It is
+        compared as recorded, never with the wall clock: a clock step (a VM resumed, NTP) must
+        not make a running server look gone.
+        """
+        identity = process_identity(pid)
+        if identity is not None:  # one that exited at once is reported by wait_ready
+            self.pid_file.write_text(f"{pid} {identity[1]}\n")
 
 
 def java_binary() -> str:
@@ -1104,7 +1120,7 @@ def start_service(svc: Service) -> str:
             start_new_session=True,
             **user_kwargs(spec.user),
         )
-    svc.pid_file.write_text(f"{proc.pid}\n")
+    svc.record_pid(proc.pid)
     try:
         wait_ready(svc, proc, proc.pid)
         note = svc.after_start()

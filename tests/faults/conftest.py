@@ -71,11 +71,19 @@ def stack(*args: str, timeout: float = 300.0) -> str:
     return done.stdout
 
 
-def service_up(name: str) -> bool:
-    done = subprocess.run(
-        [str(STACK), "status", "--only", name], capture_output=True, text=True, timeout=60
-    )
-    return done.returncode == 0
+def service_up(name: str, within_s: float = 60.0) -> bool:
+    """Whether the server is up, asked again for ``within_s``: on a loaded machine a server
+    restarted by the previous test can take a while to answer its readiness request."""
+    deadline = time.monotonic() + within_s
+    while True:
+        done = subprocess.run(
+            [str(STACK), "status", "--only", name], capture_output=True, text=True, timeout=60
+        )
+        if done.returncode == 0:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(2)
 
 
 @contextmanager

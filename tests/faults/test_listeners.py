@@ -37,11 +37,12 @@ def listening() -> list[tuple[str, int, int | None]]:
 
 def stack_pids() -> dict[str, int]:
     run_dir = Path(os.environ.get("SNAPMAP_STACK_DIR") or ROOT / ".stack") / "run"
-    return {
-        pid_file.stem: int(pid_file.read_text().strip())
-        for pid_file in run_dir.glob("*.pid")
-        if pid_file.read_text().strip().isdigit()
-    }
+    pids = {}
+    for pid_file in run_dir.glob("*.pid"):
+        fields = pid_file.read_text().split()  # the pid, then its start time in clock ticks
+        if fields and fields[0].isdigit():
+            pids[pid_file.stem] = int(fields[0])
+    return pids
 
 
 def test_stack_ports_are_bound_to_loopback_only():
