@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from pymongo.database import Database
 
 from snapmap_pipeline.resources.kafka import KafkaResource
+from snapmap_pipeline.store.lease import held_lease, offsets_lease_id
 
 if TYPE_CHECKING:
     from snapmap_pipeline.assets.ingest import IngestedBatch
@@ -39,26 +40,30 @@ def commit_contiguous(db: Database, kafka: KafkaResource, topic: str, partition:
     """Advance the group's committed offset over every applied range that starts at it.
 
     Ranges applied out of order wait until the gap before them is applied, so the committed
-    offset never passes an offset that is still pending (cases.md #15)."""
-    with kafka.consumer() as consumer:
-        low = kafka.watermarks(consumer, topic, partition).low
-        # Offsets below the low watermark were deleted by retention (the sensor recorded the
-        # gap); they can never be applied, so the commit does not wait for them.
-        committed = max(kafka.committed(consumer, topic, [partition]).get(partition, low), low)
-    position = committed
-    while True:
-        batch = db.batches.find_one(
-            {
-                "topic": topic,
-                "partition": partition,
-                "status": "applied",
-                "first": {"$lte": position},
-                "last": {"$gte": position},
-            }
-        )
-        if batch is None:
-            break
-        position = batch["last"] + 1
-    if position > committed:
-        kafka.commit_offset(topic, partition, position)
+    offset never passes an offset that is still pending (cases.md #15). Read, walk and commit
+    happen under the partition's offsets lease: Kafka keeps the last commit, not the highest,
+    so two runs of one partition finishing together could otherwise move it backwards (the
+    one that walked less committing last)."""
+    with held_lease(db, offsets_lease_id(topic, partition)):
+        with kafka.consumer() as consumer:
+            low = kafka.watermarks(consumer, topic, partition).low
+            # Offsets below the low watermark were deleted by retention (the sensor recorded
+            # the gap); they can never be applied, so the commit does not wait for them.
+            committed = max(kafka.committed(consumer, topic, [partition]).get(partition, low), low)
+        position = committed
+        while True:
+            batch = db.batches.find_one(
+                {
+                    "topic": topic,
+                    "partition": partition,
+                    "status": "applied",
+                    "first": {"$lte": position},
+                    "last": {"$gte": position},
+                }
+            )
+            if batch is None:
+                break
+            position = batch["last"] + 1
+        if position > committed:
+            kafka.commit_offset(topic, partition, position)
     return position

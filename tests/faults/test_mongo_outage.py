@@ -140,7 +140,9 @@ def test_release_during_an_outage_keeps_the_error_and_the_lease_expires_soon(mon
             with clustering_lease(db) as held:
                 stack("stop", "mongo")
                 raise ReclusterFailed("closure of 40 photos could not be written")
-    released = [r for r in caplog.records if "could not release the clustering lease" in r.msg]
+    released = [
+        r for r in caplog.records if "could not release the clustering lease" in r.getMessage()
+    ]
     assert released, "the failed release was not logged"
     assert released[0].levelname == "WARNING"
 
