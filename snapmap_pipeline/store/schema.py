@@ -4,9 +4,10 @@
 ``takenAt`` for the neighbourhood loads; ``(takenAt, _id)`` for the backfill's days;
 ``uploadedAt`` for the sweeper; ``eventId``.
 ``events``: ``_id`` = eventId; GeoJSON ``centroid``; ``endAt``; ``version``/``publishedVersion``
-(the outbox of event-updates). ``pending_links``: photo-to-event decisions not yet applied to
-``photos`` (the link step's queue). ``leases``: the clustering lease. ``batches``: what each
-offset range ended as (the offset accounting).
+(the outbox of event-updates); ``manifestPending``/``manifestSha256`` (the outbox of manifests).
+``pending_links``: photo-to-event decisions not yet applied to ``photos`` (the link step's
+queue). ``leases``: the clustering lease. ``batches``: what each offset range ended as (the
+offset accounting).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def ensure_schema(db: Database) -> dict[str, bool]:
         for keys in indexes:
             db[collection].create_index(keys)
     geo: dict[str, bool] = {}
+    refused: list[str] = []
     for collection, field in _GEO_INDEXES.items():
         try:
             db[collection].create_index([(field, "2dsphere")])
@@ -58,10 +60,10 @@ def ensure_schema(db: Database) -> dict[str, bool]:
             geo[collection] = True
         except OperationFailure as error:
             geo[collection] = False
-            log.warning(
-                "server cannot serve 2dsphere queries on %s.%s (%s); clustering does not need them",
-                collection,
-                field,
-                str(error).splitlines()[0][:120],
-            )
+            refused.append(f"{collection}.{field} ({str(error).splitlines()[0][:120]})")
+    if refused:
+        log.warning(
+            "server cannot serve 2dsphere queries on %s; clustering does not need them",
+            ", ".join(refused),
+        )
     return geo
