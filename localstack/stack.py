@@ -1175,7 +1175,8 @@ def stop_pids(targets: list[tuple[Service, int]]) -> None:
         svc.pid_file.unlink(missing_ok=True)
 
 
-def cmd_up(cfg: Config, services: list[Service]) -> int:
+def cmd_up(cfg: Config, services: list[Service], print_env: bool = True) -> int:
+    """Start the servers; ``print_env``: end with the export lines (``up``, not ``start``)."""
     prepare_root(cfg)
     with StackLock(cfg):
         # Preflight everything before downloading anything: a missing tool or a taken port
@@ -1203,7 +1204,8 @@ def cmd_up(cfg: Config, services: list[Service]) -> int:
         print(f"stack: error: {failure}", file=sys.stderr, flush=True)
     if failures:
         return 1
-    print(format_env(cfg), flush=True)
+    if print_env:
+        print(format_env(cfg), flush=True)
     return 0
 
 
@@ -1353,7 +1355,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_logs(cfg, args.name, args.lines, args.follow)
         services = select(cfg, args)
         if args.command in ("up", "start"):
-            return cmd_up(cfg, services)
+            return cmd_up(cfg, services, print_env=args.command == "up")
         if args.command in ("down", "stop"):
             return cmd_down(cfg, services)
         if args.command == "status":
