@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from azure.core.exceptions import (
     ClientAuthenticationError,
@@ -77,6 +78,13 @@ def _redacted(record: logging.LogRecord) -> logging.LogRecord:
             formatted = logging.Formatter().formatException(record.exc_info)
             record.exc_info, record.exc_text = None, redact(formatted)
     return record
+
+
+def encode_manifest(manifest: dict) -> tuple[bytes, str]:
+    """A manifest's bytes (compact JSON, sorted keys) and their SHA-256 as hex: the same
+    content always gives the same bytes and digest."""
+    body = json.dumps(manifest, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return body, hashlib.sha256(body).hexdigest()
 
 
 class BlobConfigError(ValueError):
@@ -156,12 +164,16 @@ class BlobStorageResource(ConfigurableResource):
         )
 
     @contextmanager
-    def service(self) -> Iterator[BlobServiceClient]:
+    def service(self, **client_options: Any) -> Iterator[BlobServiceClient]:
+        """A client with this resource's timeouts and retries, closed on exit.
+        ``client_options`` go to the SDK client as well (for example ``raw_request_hook``, a
+        callback on every request sent)."""
         install_secret_redaction()
         options = {
             "connection_timeout": self.connect_timeout_s,
             "read_timeout": self.timeout_s,
             "retry_policy": self._retry_policy(),
+            **client_options,
         }
         if self.connection_string:
             self._settings()
@@ -188,31 +200,38 @@ class BlobStorageResource(ConfigurableResource):
 
     def put_manifest(self, client: BlobServiceClient, event_id: str, manifest: dict) -> bool:
         """Write ``event-manifests/EVENT_ID.json``; returns False when the same content is
-        already there (idempotent: same content, same blob, no new write)."""
-        body = json.dumps(manifest, sort_keys=True, separators=(",", ":"), default=str).encode()
-        digest = hashlib.sha256(body).hexdigest()
+        already there (idempotent: same content, same blob, no new write).
+
+        Two requests: the blob's properties (its ``sha256`` metadata), then the upload. A
+        caller that records the digest it wrote (the outbox keeps it on the event) compares
+        with that instead and calls ``upload_manifest``: one request."""
+        body, digest = encode_manifest(manifest)
         blob = client.get_blob_client(self.manifest_container, f"{event_id}.json")
         try:
             if blob.get_blob_properties().metadata.get("sha256") == digest:
                 return False
         except ResourceNotFoundError:
             pass
+        self.upload_manifest(client, event_id, body, digest)
+        return True
+
+    def upload_manifest(
+        self, client: BlobServiceClient, event_id: str, body: bytes, digest: str
+    ) -> None:
+        """Write ``event-manifests/EVENT_ID.json`` unconditionally, in one request (three the
+        first time, when the container is missing); ``digest`` (``encode_manifest``) goes into
+        the blob's ``sha256`` metadata."""
+        blob = client.get_blob_client(self.manifest_container, f"{event_id}.json")
+        options = {
+            "overwrite": True,
+            "metadata": {"sha256": digest},
+            "content_settings": ContentSettings(content_type="application/json"),
+        }
         try:
-            blob.upload_blob(
-                body,
-                overwrite=True,
-                metadata={"sha256": digest},
-                content_settings=ContentSettings(content_type="application/json"),
-            )
+            blob.upload_blob(body, **options)
         except ResourceNotFoundError:
             self.ensure_container(client)
-            blob.upload_blob(
-                body,
-                overwrite=True,
-                metadata={"sha256": digest},
-                content_settings=ContentSettings(content_type="application/json"),
-            )
-        return True
+            blob.upload_blob(body, **options)
 
     def ensure_container(self, client: BlobServiceClient) -> None:
         try:

@@ -14,12 +14,12 @@ from azure.core.exceptions import AzureError
 from pymongo import UpdateOne
 from pymongo.database import Database
 
-from snapmap_pipeline.resources.blob import BlobStorageResource
+from snapmap_pipeline.resources.blob import BlobStorageResource, encode_manifest
 from snapmap_pipeline.resources.kafka import KafkaResource
 
 log = logging.getLogger(__name__)
 BATCH = 1000
-# Concurrent manifest uploads: each is two HTTP round trips, which threads overlap.
+# Concurrent manifest uploads: the real service serves them in parallel (Azurite does not).
 MANIFEST_WORKERS = 8
 
 
@@ -88,55 +88,73 @@ def write_pending_manifests(
     """Write the JSON album of every event whose manifest is pending. A storage failure leaves
     the rest pending (reported, not raised).
 
+    Each written manifest's SHA-256 is kept on its event (``manifestSha256``) when
+    ``manifestPending`` is cleared, so a manifest whose content has not changed since is not
+    sent again, and one that changed is uploaded without first reading the blob: one request
+    per written manifest. If the upload succeeds but the digest is not recorded (a crash, a
+    MongoDB outage), the event stays pending and the next pass uploads the same content again.
+
     The albums' photos are read with one query per thousand events, the blobs are written by
-    ``MANIFEST_WORKERS`` threads (each write is two HTTP round trips, so they overlap), and the
-    written versions are marked in bulk: one query and one write per thousand events instead of
-    one of each per event."""
+    ``MANIFEST_WORKERS`` threads (the real service serves them in parallel), and the written
+    versions are marked in bulk."""
     report = OutboxReport()
     events = list(db.events.find({"manifestPending": True}).sort("_id", 1).limit(limit))
     if not events:
         return report
     albums = album_photos(db, [e["_id"] for e in events if not e.get("mergedInto")])
-    done: list[tuple[dict, bool]] = []
+    encoded = {
+        event["_id"]: encode_manifest(manifest_of(event, albums.get(event["_id"], [])))
+        for event in events
+    }
+    unchanged = [e for e in events if e.get("manifestSha256") == encoded[e["_id"]][1]]
+    to_write = [e for e in events if e.get("manifestSha256") != encoded[e["_id"]][1]]
+    written: list[dict] = []
     try:
-        with (
-            blob.service() as client,
-            ThreadPoolExecutor(MANIFEST_WORKERS, thread_name_prefix="manifest") as pool,
-        ):
-            futures = [
-                (
-                    event,
-                    pool.submit(
-                        blob.put_manifest,
-                        client,
-                        event["_id"],
-                        manifest_of(event, albums.get(event["_id"], [])),
-                    ),
-                )
-                for event in events
-            ]
-            try:
-                for event, future in futures:
-                    done.append((event, future.result()))
-            finally:
-                pool.shutdown(cancel_futures=True)
+        if to_write:
+            _upload(blob, to_write, encoded, written)
     except AzureError as error:
         log.warning("Blob Storage unavailable, manifests stay pending: %s", str(error)[:200])
     finally:
-        _mark_written(db, [event for event, _changed in done])
-    for _event, changed in done:
-        if changed:
-            report.manifests_written += 1
-        else:
-            report.manifests_unchanged += 1
+        _mark_written(db, unchanged + written, encoded)
+    report.manifests_written = len(written)
+    report.manifests_unchanged = len(unchanged)
     report.manifests_pending = db.events.count_documents({"manifestPending": True})
     return report
 
 
-def _mark_written(db: Database, events: list[dict]) -> None:
-    """Clear ``manifestPending`` of the versions whose manifest is written."""
+def _upload(
+    blob: BlobStorageResource,
+    events: list[dict],
+    encoded: dict[str, tuple[bytes, str]],
+    written: list[dict],
+) -> None:
+    """Upload the events' manifests on ``MANIFEST_WORKERS`` threads, appending each event to
+    ``written`` in order as its upload succeeds; the first failure is raised and the uploads
+    not yet started are cancelled."""
+    with (
+        blob.service() as client,
+        ThreadPoolExecutor(MANIFEST_WORKERS, thread_name_prefix="manifest") as pool,
+    ):
+        futures = [
+            (event, pool.submit(blob.upload_manifest, client, event["_id"], *encoded[event["_id"]]))
+            for event in events
+        ]
+        try:
+            for event, future in futures:
+                future.result()
+                written.append(event)
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+
+def _mark_written(db: Database, events: list[dict], encoded: dict[str, tuple[bytes, str]]) -> None:
+    """Clear ``manifestPending`` of the versions whose manifest is in storage and record the
+    digest of its content; an event written again since keeps its flag."""
     requests = [
-        UpdateOne({"_id": e["_id"], "version": e["version"]}, {"$set": {"manifestPending": False}})
+        UpdateOne(
+            {"_id": e["_id"], "version": e["version"]},
+            {"$set": {"manifestPending": False, "manifestSha256": encoded[e["_id"]][1]}},
+        )
         for e in events
     ]
     for start in range(0, len(requests), BATCH):

@@ -1,0 +1,172 @@
+"""The manifest outbox on the real MongoDB-compatible server and Azurite: one request per
+manifest written, none for a manifest whose content has not changed, and a rewrite when it
+has. Requests are counted by the storage SDK's request hook, on the wire to Azurite."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from azure.storage.blob import BlobServiceClient
+from pydantic import PrivateAttr
+
+from snapmap_pipeline.clustering import ClusterParams, PhotoPoint, canonical_pass, diff
+from snapmap_pipeline.resources.blob import BlobStorageResource
+from snapmap_pipeline.store.events import load_stored_events, write_events
+from snapmap_pipeline.store.outbox import write_pending_manifests
+
+pytestmark = pytest.mark.storage
+
+T0 = datetime(2026, 5, 1, 18, 0, tzinfo=UTC)
+PARAMS = ClusterParams()
+
+
+class CountedBlob(BlobStorageResource):
+    """The Blob resource with every HTTP request its clients send recorded as
+    ``(method, blob path)`` (retries included)."""
+
+    _requests: list[tuple[str, str]] = PrivateAttr(default_factory=list)
+
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        return self._requests
+
+    @contextmanager
+    def service(self, **client_options) -> Iterator[BlobServiceClient]:
+        with super().service(raw_request_hook=self._record, **client_options) as client:
+            yield client
+
+    def _record(self, request) -> None:
+        url = request.http_request.url.split("?", 1)[0]
+        self._requests.append((request.http_request.method, url.rsplit("/", 1)[-1]))
+
+
+def photo(photo_id: str, minutes: int, lon: float, lat: float) -> PhotoPoint:
+    return PhotoPoint(photo_id, T0 + timedelta(minutes=minutes), lon, lat)
+
+
+def store(db, photos: list[PhotoPoint]) -> dict[str, str]:
+    """Cluster ``photos`` against the stored events, write the events and the photos' links
+    as the pipeline leaves them; returns each photo's event id."""
+    result = canonical_pass(photos, PARAMS)
+    stored = load_stored_events(db, result.events)
+    ids = [p.photo_id for p in photos]
+    links = dict.fromkeys(ids) | {
+        d["_id"]: d["eventId"] for d in db.photos.find({"_id": {"$in": ids}}, {"eventId": 1})
+    }
+    write_events(db, diff(result, stored, links), stored, PARAMS)
+    for p in photos:
+        db.photos.update_one(
+            {"_id": p.photo_id},
+            {
+                "$set": {
+                    "takenAt": p.taken_at,
+                    "storageUrl": f"azure://photos/{p.photo_id}.jpg",
+                    "eventId": result.assignment[p.photo_id],
+                }
+            },
+            upsert=True,
+        )
+    return result.assignment
+
+
+def blob_state(blob: BlobStorageResource, event_id: str) -> tuple[str, dict]:
+    """The blob's etag and its JSON content, read with a client of its own."""
+    with BlobStorageResource(
+        connection_string=blob.connection_string, manifest_container=blob.manifest_container
+    ).service() as client:
+        stored = client.get_blob_client(blob.manifest_container, f"{event_id}.json")
+        download = stored.download_blob()
+        return download.properties.etag, json.loads(download.readall())
+
+
+@pytest.fixture
+def counted(blob: BlobStorageResource) -> Iterator[CountedBlob]:
+    resource = CountedBlob(
+        connection_string=blob.connection_string, manifest_container=blob.manifest_container
+    )
+    with resource.service() as client:
+        resource.ensure_container(client)
+    resource.requests.clear()
+    yield resource
+    with blob.service() as client:
+        client.delete_container(blob.manifest_container)
+
+
+def test_each_new_manifest_costs_one_request(mongo, counted):
+    db = mongo.db()
+    assignment = store(
+        db,
+        [photo("a-0", 0, -3.7038, 40.4168), photo("a-1", 1, -3.7038, 40.4168)]
+        + [photo("b-0", 0, 2.3522, 48.8566)],
+    )
+    events = sorted(set(assignment.values()))
+    assert len(events) == 2
+
+    report = write_pending_manifests(db, counted)
+
+    assert report.manifests_written == 2
+    assert report.manifests_pending == 0
+    assert sorted(counted.requests) == [("PUT", f"{e}.json") for e in events]
+    for event_id in events:
+        _etag, manifest = blob_state(counted, event_id)
+        members = sorted(p for p, e in assignment.items() if e == event_id)
+        assert sorted(p["photoId"] for p in manifest["photos"]) == members
+        document = db.events.find_one({"_id": event_id})
+        assert document["manifestPending"] is False
+        assert len(document["manifestSha256"]) == 64
+
+
+def test_an_unchanged_manifest_is_not_sent_and_a_changed_one_is_rewritten(mongo, counted):
+    db = mongo.db()
+    madrid = [photo("a-0", 0, -3.7038, 40.4168)]
+    paris = [photo("b-0", 0, 2.3522, 48.8566)]
+    assignment = store(db, madrid + paris)
+    unchanged_id, changed_id = assignment["a-0"], assignment["b-0"]
+    write_pending_manifests(db, counted)
+    unchanged_etag, _ = blob_state(counted, unchanged_id)
+    changed_etag, before = blob_state(counted, changed_id)
+    counted.requests.clear()
+
+    # A second pass over both: the Madrid event is pending again with the same content (as
+    # after a replay); the Paris event grew a photo.
+    db.events.update_one({"_id": unchanged_id}, {"$set": {"manifestPending": True}})
+    store(db, paris + [photo("b-1", 2, 2.3522, 48.8566)])
+    assert db.events.find_one({"_id": changed_id})["manifestPending"] is True
+
+    report = write_pending_manifests(db, counted)
+
+    assert (report.manifests_written, report.manifests_unchanged) == (1, 1)
+    assert report.manifests_pending == 0
+    assert counted.requests == [("PUT", f"{changed_id}.json")]
+    assert blob_state(counted, unchanged_id)[0] == unchanged_etag
+    etag, after = blob_state(counted, changed_id)
+    assert etag != changed_etag
+    assert after["version"] == before["version"] + 1
+    assert [p["photoId"] for p in after["photos"]] == ["b-0", "b-1"]
+
+
+def test_an_upload_whose_digest_was_not_recorded_is_written_again(mongo, counted):
+    """The state a crash leaves between the upload and the MongoDB write that clears
+    ``manifestPending``: the blob holds the content, the event is still pending without the
+    digest. The next pass writes the same content again, once, and clears the flag."""
+    db = mongo.db()
+    (event_id,) = set(store(db, [photo("a-0", 0, -3.7038, 40.4168)]).values())
+    write_pending_manifests(db, counted)
+    _etag, first = blob_state(counted, event_id)
+    db.events.update_one(
+        {"_id": event_id}, {"$set": {"manifestPending": True}, "$unset": {"manifestSha256": ""}}
+    )
+    counted.requests.clear()
+
+    report = write_pending_manifests(db, counted)
+
+    assert report.manifests_written == 1
+    assert counted.requests == [("PUT", f"{event_id}.json")]
+    assert blob_state(counted, event_id)[1] == first
+    document = db.events.find_one({"_id": event_id})
+    assert document["manifestPending"] is False
+    assert "manifestSha256" in document
