@@ -292,8 +292,12 @@ def _run_summary(db: Database, expected: dict) -> dict:
 
 
 def _caught_up(result: dict) -> bool:
-    """Every photo has its event except lost ones (no message) and dead-lettered ones, and
-    every malformed message of the run is a dead letter."""
+    """Every photo has its event except lost ones (no message) and dead-lettered ones, every
+    malformed message of the run is a dead letter, and nothing waits in the pipeline's queues
+    (links, event-updates, manifests). Offsets still in a run that has linked its photos but
+    not finished are not seen here: ``snapmap accounting`` reads those from Kafka."""
+    if any(result["queues"].values()):
+        return False
     run = result["run"]
     if run is None:
         photos = result["photos"]
@@ -308,15 +312,20 @@ def _caught_up(result: dict) -> bool:
 
 
 def _progress(result: dict) -> str:
+    queues = result["queues"]
+    waiting = (
+        f"; queued: {queues['pendingLinks']} links, {queues['pendingPublishes']} event updates, "
+        f"{queues['pendingManifests']} manifests"
+    )
     run = result["run"]
     if run is None:
         photos = result["photos"]
-        return f"{photos['withEvent']} of {photos['stored']} photos have an event"
+        return f"{photos['withEvent']} of {photos['stored']} photos have an event{waiting}"
     found, expected = run["found"], run["expected"]
     return (
         f"{found['withEvent']} of {found['photosStored']} photos have an event "
         f"({expected['lost']} lost ones wait for the sweeper), "
-        f"{found['deadLetters']} of {expected['deadLetters']} dead letters"
+        f"{found['deadLetters']} of {expected['deadLetters']} dead letters{waiting}"
     )
 
 
