@@ -250,6 +250,14 @@ def process_identity(pid: int) -> tuple[int, int] | None:
     return int(fields[3]), int(fields[19])
 
 
+def boot_time() -> float:
+    """The wall-clock time of boot (``btime`` of /proc/stat), for pid files of older stacks."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    raise StackError("cannot read the boot time from /proc/stat")
+
+
 def reap(pid: int) -> None:
     """Collect the exit status of a child of this process, so it does not linger."""
     try:
@@ -355,11 +363,19 @@ class Service:
         identity = process_identity(pid)
         if identity is None or identity[0] != pid:
             return None
-        # A file holding the pid alone was written by an older version of this script; its
-        # server is still recognised as the leader of its own session.
-        if len(recorded) == 2 and identity[1] != recorded[1]:
+        if len(recorded) == 2:
+            return pid if identity[1] == recorded[1] else None
+        # A file holding the pid alone was written by an older version of this script, right
+        # after it started its server. Being a session leader is not enough to be that server
+        # (shells, other stacks' servers and PostgreSQL's workers lead sessions too), so the
+        # older check applies to it: the process started at most 60 s before the file was
+        # written and not after it.
+        try:
+            written = self.pid_file.stat().st_mtime
+        except OSError:
             return None
-        return pid
+        started = boot_time() + identity[1] / os.sysconf("SC_CLK_TCK")
+        return pid if written - 60 <= started <= written + 2 else None
 
     def record_pid(self, pid: int) -> None:
         """Write the pid file: the pid and the process's start time in clock ticks since boot.

@@ -79,3 +79,13 @@ def test_an_exited_server_is_not_running(service, leader):
 def test_a_pid_file_from_an_older_stack_still_finds_its_server(service, leader):
     service.pid_file.write_text(f"{leader.pid}\n")
     assert service.running_pid() == leader.pid
+
+
+def test_a_pid_file_from_an_older_stack_does_not_adopt_a_later_session_leader(service, leader):
+    # An older stack wrote the pid alone, long before this process started: its server died
+    # and the pid now belongs to another session leader (a shell, another stack's server).
+    # `down` must not signal that process's group.
+    service.pid_file.write_text(f"{leader.pid}\n")
+    long_ago = time.time() - 2 * 86400
+    os.utime(service.pid_file, (long_ago, long_ago))
+    assert service.running_pid() is None
