@@ -25,7 +25,7 @@ from azure.core.exceptions import (
     ResourceNotFoundError,
 )
 from azure.storage.blob import BlobServiceClient, ContentSettings, ExponentialRetry
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field
 
 from snapmap_pipeline.contract.storage_url import StorageUrlPolicy
@@ -128,6 +128,11 @@ class BlobStorageResource(ConfigurableResource):
             "request to an unreachable service gives up after about 3 s, not 80 s."
         ),
     )
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        """Refuse a connection string the SDK cannot use when the run starts, so a bad setting
+        fails every run at once with one clear error instead of photo by photo."""
+        self._settings()
 
     def _retry_policy(self) -> ExponentialRetry:
         """The SDK's exponential retry with small waits: its defaults (15 s, then 15 + 3^n s)
