@@ -140,10 +140,11 @@ def recluster_day(
     report.event_updates_published = published.event_updates
     report.manifests_written = published.manifests_written
     report.manifests_pending = published.manifests_pending
-    if report.manifests_pending:
+    if published.storage_error:
         log.warning(
-            "%d manifests still pending (Blob Storage unavailable?); the next run or sweep "
+            "Blob Storage failed (%s); %d manifests still pending, the next run or sweep "
             "writes them",
+            published.storage_error,
             report.manifests_pending,
         )
     report.event_sizes = _event_sizes(db, start, end)
@@ -183,6 +184,7 @@ class Published:
     event_updates: int = 0
     manifests_written: int = 0
     manifests_pending: int = 0
+    storage_error: str | None = None
 
 
 def publish_all(
@@ -196,6 +198,7 @@ def publish_all(
         outbox = write_pending_manifests(db, blob)
         published.manifests_written += outbox.manifests_written
         published.manifests_pending = outbox.manifests_pending
+        published.storage_error = outbox.storage_error
         progressed = outbox.manifests_written + outbox.manifests_unchanged
         if not outbox.manifests_pending or not progressed:
             return published

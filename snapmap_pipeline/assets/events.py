@@ -129,17 +129,20 @@ def event_updates(
     db = mongo.db()
     published = publish_pending(db, kafka, settings.event_updates_topic)
     manifests = write_pending_manifests(db, blob)
-    if manifests.manifests_pending:
+    if manifests.storage_error:
         context.log.warning(
-            "%d manifests still pending (Blob Storage unavailable?); the next run or sweep "
+            "Blob Storage failed (%s); %d manifests still pending, the next run or sweep "
             "writes them",
+            manifests.storage_error,
             manifests.manifests_pending,
         )
     context.log.info(
-        "published %d event updates; manifests: %d written, %d unchanged, %d pending",
+        "published %d event updates; manifests: %d written, %d unchanged, %d left to runs "
+        "whose links are still queued; %d pending in all (other runs' included)",
         published,
         manifests.manifests_written,
         manifests.manifests_unchanged,
+        manifests.manifests_waiting_for_links,
         manifests.manifests_pending,
     )
     return MaterializeResult(

@@ -16,6 +16,7 @@ from pymongo.database import Database
 
 from snapmap_pipeline.resources.blob import BlobStorageResource, encode_manifest
 from snapmap_pipeline.resources.kafka import KafkaResource
+from snapmap_pipeline.store.lease import clustering_lease
 
 log = logging.getLogger(__name__)
 BATCH = 1000
@@ -28,7 +29,12 @@ class OutboxReport:
     published: int = 0
     manifests_written: int = 0
     manifests_unchanged: int = 0
+    #: Events whose manifest still waits, in the whole database (other runs' included).
     manifests_pending: int = 0
+    #: Of those read by this pass, left for the run whose link decisions are still queued.
+    manifests_waiting_for_links: int = 0
+    #: Why this pass stopped writing manifests, when Blob Storage failed; None otherwise.
+    storage_error: str | None = None
 
 
 def update_message(event: dict) -> dict:
@@ -98,28 +104,52 @@ def write_pending_manifests(
     ``MANIFEST_WORKERS`` threads (the real service serves them in parallel), and the written
     versions are marked in bulk."""
     report = OutboxReport()
-    events = list(db.events.find({"manifestPending": True}).sort("_id", 1).limit(limit))
-    if not events:
-        return report
-    albums = album_photos(db, [e["_id"] for e in events if not e.get("mergedInto")])
+    # Events, queued link decisions and albums are read under the clustering lease: a
+    # recluster writes its events and queues their links under it, and the link step applies
+    # them under it, so this pass never sees an event without the decisions that make its
+    # album. An event with decisions still queued is left to the run that queued them (its
+    # own event_updates step comes after its link step), or to the next pass.
+    with clustering_lease(db):
+        events = list(db.events.find({"manifestPending": True}).sort("_id", 1).limit(limit))
+        if not events:
+            return report
+        moving = events_with_queued_links(db)
+        ready = [e for e in events if e["_id"] not in moving]
+        albums = album_photos(db, [e["_id"] for e in ready if not e.get("mergedInto")])
+    report.manifests_waiting_for_links = len(events) - len(ready)
     encoded = {
         event["_id"]: encode_manifest(manifest_of(event, albums.get(event["_id"], [])))
-        for event in events
+        for event in ready
     }
-    unchanged = [e for e in events if e.get("manifestSha256") == encoded[e["_id"]][1]]
-    to_write = [e for e in events if e.get("manifestSha256") != encoded[e["_id"]][1]]
+    unchanged = [e for e in ready if e.get("manifestSha256") == encoded[e["_id"]][1]]
+    to_write = [e for e in ready if e.get("manifestSha256") != encoded[e["_id"]][1]]
     written: list[dict] = []
     try:
         if to_write:
             _upload(blob, to_write, encoded, written)
     except AzureError as error:
-        log.warning("Blob Storage unavailable, manifests stay pending: %s", str(error)[:200])
+        report.storage_error = str(error)[:200]
+        log.warning("Blob Storage unavailable, manifests stay pending: %s", report.storage_error)
     finally:
         _mark_written(db, unchanged + written, encoded)
     report.manifests_written = len(written)
     report.manifests_unchanged = len(unchanged)
     report.manifests_pending = db.events.count_documents({"manifestPending": True})
     return report
+
+
+def events_with_queued_links(db: Database) -> set[str]:
+    """Events whose membership queued link decisions will still change: the events they link
+    photos to, and the events those photos are linked to now."""
+    queued = list(db.pending_links.find({}, {"eventId": 1}))
+    moving = {link["eventId"] for link in queued if link.get("eventId")}
+    photo_ids = [link["_id"] for link in queued]
+    for start in range(0, len(photo_ids), BATCH):
+        query = {"_id": {"$in": photo_ids[start : start + BATCH]}}
+        for photo in db.photos.find(query, {"eventId": 1}):
+            if photo.get("eventId"):
+                moving.add(photo["eventId"])
+    return moving
 
 
 def _upload(
