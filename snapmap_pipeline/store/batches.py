@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from pymongo.database import Database
 
 from snapmap_pipeline.resources.kafka import KafkaResource
-from snapmap_pipeline.store.lease import held_lease, offsets_lease_id
+from snapmap_pipeline.store.lease import held_lease, lease_held, offsets_lease_id
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from snapmap_pipeline.assets.ingest import IngestedBatch
@@ -44,7 +47,8 @@ def commit_contiguous(db: Database, kafka: KafkaResource, topic: str, partition:
     happen under the partition's offsets lease: Kafka keeps the last commit, not the highest,
     so two runs of one partition finishing together could otherwise move it backwards (the
     one that walked less committing last)."""
-    with held_lease(db, offsets_lease_id(topic, partition)):
+    lease_id = offsets_lease_id(topic, partition)
+    with held_lease(db, lease_id) as token:
         with kafka.consumer() as consumer:
             low = kafka.watermarks(consumer, topic, partition).low
             # Offsets below the low watermark were deleted by retention (the sensor recorded
@@ -64,6 +68,18 @@ def commit_contiguous(db: Database, kafka: KafkaResource, topic: str, partition:
             if batch is None:
                 break
             position = batch["last"] + 1
-        if position > committed:
-            kafka.commit_offset(topic, partition, position)
+        if position <= committed:
+            return position
+        # A holder paused past its lease (SIGSTOP, a long GC) must not commit: the next holder
+        # may have committed further already. What is left is the moment between this check
+        # and the commit, which Kafka cannot make conditional.
+        if not lease_held(db, lease_id, token):
+            log.warning(
+                "offsets lease of %s/%d lost before committing %d; left to the next holder",
+                topic,
+                partition,
+                position,
+            )
+            return committed
+        kafka.commit_offset(topic, partition, position)
     return position

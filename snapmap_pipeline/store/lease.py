@@ -93,6 +93,17 @@ def held_lease(
         _release(db, lease_id, holder, token, ttl_s)
 
 
+def lease_held(db: Database, lease_id: str, token: int) -> bool:
+    """Whether the grant ``token`` of ``lease_id`` is still the current one and unexpired: a
+    holder checks it right before a write that nothing else fences (a Kafka offset commit)."""
+    current = db.leases.find_one({"_id": lease_id}, {"token": 1, "expiresAt": 1})
+    return (
+        current is not None
+        and current.get("token") == token
+        and current["expiresAt"] > datetime.now(UTC)
+    )
+
+
 def _title(lease_id: str) -> str:
     return "clustering lease" if lease_id == LEASE_ID else f"lease {lease_id}"
 
@@ -174,7 +185,7 @@ class _Heartbeat(threading.Thread):
             if renewed.matched_count == 0 and not self._stopped.is_set():
                 log.warning(
                     "%s (token %d) was taken over after it expired; this holder's "
-                    "remaining writes are fenced by the token and event versions",
+                    "remaining writes are fenced by its token",
                     _title(self.lease_id),
                     self.token,
                 )

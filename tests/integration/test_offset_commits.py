@@ -4,11 +4,15 @@ together (the commit is read, walked and written under the partition's offsets l
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from pymongo import MongoClient
 
 from snapmap_pipeline.resources.kafka import KafkaResource
 from snapmap_pipeline.store.batches import commit_contiguous
+from snapmap_pipeline.store.lease import offsets_lease_id
+from tests.conftest import stack_setting
 from tests.integration.pipeline import publish
 from tests.integration.test_ingestion import committed
 
@@ -61,3 +65,47 @@ def test_a_slow_commit_finishing_last_does_not_move_the_offset_back(kafka, mongo
         first_run.join(120)
     assert results == {"slow": 10, "fast": 20}
     assert committed(kafka, topic) == {0: 20}
+
+
+class LeaseTakenDuringWalk(KafkaResource):
+    """A run paused past its offsets lease: by the time it has read the committed offset,
+    another holder has been granted the lease (as after an expiry)."""
+
+    mongo_uri: str
+    database: str
+
+    def committed(self, consumer, topic, partitions, coordinator_retry_s=None):
+        found = super().committed(consumer, topic, partitions, coordinator_retry_s)
+        with MongoClient(self.mongo_uri) as client:
+            client[self.database].leases.update_one(
+                {"_id": offsets_lease_id(topic, partitions[0])},
+                {
+                    "$set": {
+                        "holder": "next-run",
+                        "expiresAt": datetime.now(UTC) + timedelta(minutes=1),
+                    },
+                    "$inc": {"token": 1},
+                },
+            )
+        return found
+
+
+def test_a_run_that_lost_its_offsets_lease_does_not_commit(kafka, mongo, settings, caplog):
+    topic = settings.uploads_topic
+    publish(kafka, topic, [b"{}"] * 10, partition=0)
+    db = mongo.db()
+    applied(db, topic, 0, 9)
+    late = LeaseTakenDuringWalk(
+        **kafka.model_dump(), mongo_uri=stack_setting("MONGODB_URI"), database=mongo.database
+    )
+
+    assert commit_contiguous(db, late, topic, 0) == 0
+    assert committed(kafka, topic) == {}
+    assert any("lease" in r.getMessage() and "lost" in r.getMessage() for r in caplog.records)
+    # The lease's next holder (here, once it has expired) commits the applied range.
+    db.leases.update_one(
+        {"_id": offsets_lease_id(topic, 0)},
+        {"$set": {"expiresAt": datetime(1970, 1, 1, tzinfo=UTC)}},
+    )
+    assert commit_contiguous(db, kafka, topic, 0) == 10
+    assert committed(kafka, topic) == {0: 10}
