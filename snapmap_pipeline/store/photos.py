@@ -44,15 +44,24 @@ def upsert_uploads(db: Database, uploads: Sequence[tuple[PhotoUpload, dict, date
     }
     with clustering_lease(db):
         stored = {
-            d["_id"]: d.get("sourceVersion")
-            for d in db.photos.find({"_id": {"$in": list(versions)}}, {"sourceVersion": 1})
+            d["_id"]: d
+            for d in db.photos.find(
+                {"_id": {"$in": list(versions)}},
+                {"sourceVersion": 1, "storageUrl": 1, "eventId": 1},
+            )
         }
         requests = []
+        # Events whose album lists a photo whose storageUrl changes: clustering does not see
+        # the URL, so no recluster would mark their manifests for rewriting.
+        albums_changed: set[str] = set()
         for upload, source, published_at in uploads:
             version = versions[upload.photo_id]
-            newer = stored.get(upload.photo_id)
+            previous = stored.get(upload.photo_id, {})
+            newer = previous.get("sourceVersion")
             if newer is not None and newer > version:
                 continue  # superseded by a message already applied
+            if previous.get("eventId") and previous.get("storageUrl") != upload.storage_url:
+                albums_changed.add(previous["eventId"])
             fields = {
                 "location": {"type": "Point", "coordinates": [upload.lon, upload.lat]},
                 "cell": cell_of(upload.lon, upload.lat),
@@ -77,6 +86,10 @@ def upsert_uploads(db: Database, uploads: Sequence[tuple[PhotoUpload, dict, date
         if not requests:
             return 0
         result = db.photos.bulk_write(requests, ordered=False)
+        if albums_changed:
+            db.events.update_many(
+                {"_id": {"$in": sorted(albums_changed)}}, {"$set": {"manifestPending": True}}
+            )
     return result.upserted_count + result.modified_count
 
 
