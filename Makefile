@@ -15,11 +15,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 ## The main job on the local stack: servers, Dagster (UI + daemon), the simulated upload stream.
 demo: setup
-	scripts/demo simulate $(ARGS)
+	scripts/demo simulate $(ARGS) || [ $$? -eq 130 ]  # Ctrl-C is how a demo ends
 
 ## The same pipeline fed with the real New York check-ins in ../shared/data.
 replay: setup
-	scripts/demo replay $(ARGS)
+	scripts/demo replay $(ARGS) || [ $$? -eq 130 ]
 
 ## Start the stack, lint, run every test against the real servers, stop what was started.
 test: setup
