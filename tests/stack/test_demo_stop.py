@@ -108,6 +108,9 @@ def test_ctrl_c_stops_dagster_within_seconds(project):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # As from a terminal: a suite started in the background (nohup, a CI runner) passes
+        # SIGINT down ignored, and bash can neither trap nor reset a signal ignored on entry.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines: list[str] = []
     ready = threading.Event()
