@@ -350,13 +350,38 @@ class Service:
         """Idempotent setup once the server is ready; returns a note for the user."""
         return ""
 
-    def running_pid(self) -> int | None:
-        """The pid from our pid file if that process is still the one we started."""
+    def recorded_pid(self) -> list[int] | None:
+        """The pid file's fields (pid, start ticks), or None when it is absent or not a pid."""
         try:
             recorded = [int(field) for field in self.pid_file.read_text().split()]
         except (OSError, ValueError):
             return None
-        if not 1 <= len(recorded) <= 2:
+        return recorded if 1 <= len(recorded) <= 2 else None
+
+    def unreadable_pid_file(self) -> str | None:
+        """Why this service's state is unknown: its pid file exists but holds no pid while one
+        of its ports is taken, so the server it belonged to may still be running. None when
+        the file is absent or readable, or when nothing listens on the ports (a stale file)."""
+        if not self.pid_file.exists() or self.recorded_pid() is not None:
+            return None
+        taken = [port for port in self.ports if port_open(port)]
+        if not taken:
+            return None
+        try:
+            shown = repr(self.pid_file.read_text(errors="replace")[:40])
+        except OSError as exc:
+            shown = f"unreadable: {exc.strerror}"
+        return (
+            f"{self.name}: {self.pid_file} holds no pid ({shown}) while {HOST}:{taken[0]} is "
+            "taken, perhaps by the server it belonged to, so this stack cannot tell whether "
+            f"that server is its own; the file is left in place. Find the listener with "
+            f"`ss -ltnp 'sport = :{taken[0]}'`, stop it if it is this stack's, then delete the file"
+        )
+
+    def running_pid(self) -> int | None:
+        """The pid from our pid file if that process is still the one we started."""
+        recorded = self.recorded_pid()
+        if recorded is None:
             return None
         pid = recorded[0]
         reap(pid)
@@ -386,7 +411,11 @@ class Service:
         """
         identity = process_identity(pid)
         if identity is not None:  # one that exited at once is reported by wait_ready
-            self.pid_file.write_text(f"{pid} {identity[1]}\n")
+            # Written whole and renamed into place: a command killed mid-write (a test's time
+            # limit) must not leave a truncated file behind a running server.
+            partial = self.pid_file.with_name(self.pid_file.name + ".partial")
+            partial.write_text(f"{pid} {identity[1]}\n")
+            partial.replace(self.pid_file)
 
 
 def java_binary() -> str:
@@ -1162,16 +1191,48 @@ def wait_ready(svc: Service, proc: subprocess.Popen | None, pid: int) -> None:
         time.sleep(POLL_INTERVAL)
 
 
-def stop_pids(targets: list[tuple[Service, int]]) -> None:
-    """Stop the given servers: their stop signal, then SIGKILL after STOP_TIMEOUT."""
-    for svc, pid in targets:
-        try:
-            if svc.signal_group:
-                os.killpg(pid, svc.stop_signal)  # pid is also the group id: setsid at start
-            else:
-                os.kill(pid, svc.stop_signal)
-        except ProcessLookupError:
-            pass
+def process_owner(pid: int) -> str:
+    """The user name (or uid) that owns a process, for messages."""
+    try:
+        uid = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return "another user"
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def send_stop(svc: Service, pid: int, sig: int, group: bool) -> bool:
+    """Signal one server (its process group when ``group``); False when the OS refuses.
+
+    A refusal (EPERM) means the process belongs to a user this command cannot signal: a
+    stack started with sudo and stopped without it. Nothing else is signalled instead."""
+    try:
+        if group:
+            os.killpg(pid, sig)  # pid is also the group id: setsid at start
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        say(
+            f"{svc.name}: not permitted to signal pid {pid}, which runs as {process_owner(pid)}; "
+            f"it keeps running and {svc.pid_file} is kept; stop it as that user (or as root)"
+        )
+        return False
+    return True
+
+
+def stop_pids(targets: list[tuple[Service, int]]) -> list[Service]:
+    """Stop the given servers: their stop signal, then SIGKILL after STOP_TIMEOUT.
+
+    Returns the services whose server this process was not permitted to signal; their pid
+    files are kept, since those servers still run."""
+    refused = [
+        svc for svc, pid in targets if not send_stop(svc, pid, svc.stop_signal, svc.signal_group)
+    ]
+    targets = [(svc, pid) for svc, pid in targets if svc not in refused]
     deadline = time.monotonic() + STOP_TIMEOUT
     pending = list(targets)
     while pending and time.monotonic() < deadline:
@@ -1179,27 +1240,38 @@ def stop_pids(targets: list[tuple[Service, int]]) -> None:
         pending = [(svc, pid) for svc, pid in pending if svc.running_pid() == pid]
     for svc, pid in pending:
         say(f"{svc.name}: did not stop within {STOP_TIMEOUT:.0f}s; killing it")
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if not send_stop(svc, pid, signal.SIGKILL, True):
+            refused.append(svc)
     kill_deadline = time.monotonic() + 5
     while pending and time.monotonic() < kill_deadline:
         time.sleep(0.1)
         pending = [(svc, pid) for svc, pid in pending if svc.running_pid() == pid]
     for svc, _ in targets:
-        svc.pid_file.unlink(missing_ok=True)
+        if svc not in refused:
+            svc.pid_file.unlink(missing_ok=True)
+    return refused
 
 
 def cmd_up(cfg: Config, services: list[Service], print_env: bool = True) -> int:
     """Start the servers; ``print_env``: end with the export lines (``up``, not ``start``)."""
     prepare_root(cfg)
+    # The servers inherit this process's signal dispositions, and a Java server (Kafka, the
+    # MongoDB-compatible server) keeps SIGTERM ignored when it starts with it ignored: it would
+    # then outlive `down` until the SIGKILL fallback. Dagster leaves SIGTERM ignored in the
+    # process that ran a job (it copies SIGINT's disposition to SIGTERM, and a test suite
+    # started in the background has SIGINT ignored), and the fault tests restart servers from
+    # that process, so the default is restored here for every server started below.
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     with StackLock(cfg):
         # Preflight everything before downloading anything: a missing tool or a taken port
         # is reported in one line before any time is spent.
         for svc in services:
             if svc.running_pid() is not None:
                 continue
+            problem = svc.unreadable_pid_file()
+            if problem:
+                raise StackError(problem)
             svc.check_tools()
             for port in svc.ports:
                 if port_open(port):
@@ -1231,12 +1303,25 @@ def cmd_down(cfg: Config, services: list[Service]) -> int:
         return 0
     with StackLock(cfg):
         pids = {svc.name: svc.running_pid() for svc in services}
-        stop_pids([(svc, pids[svc.name]) for svc in services if pids[svc.name] is not None])
+        unknown = {
+            svc.name: svc.unreadable_pid_file() for svc in services if pids[svc.name] is None
+        }
+        refused = stop_pids(
+            [(svc, pids[svc.name]) for svc in services if pids[svc.name] is not None]
+        )
+        # Under the lock: a `start` waiting for it must not have its new pid file deleted.
+        for svc in services:
+            if svc not in refused and not unknown.get(svc.name):
+                svc.pid_file.unlink(missing_ok=True)  # also a stale one, left by a crash
     for svc in services:
-        svc.pid_file.unlink(missing_ok=True)  # also a stale one, left by a crash
         pid = pids[svc.name]
-        print(f"{svc.name}: stopped (pid {pid})" if pid else f"{svc.name}: not running")
-    return 0
+        if unknown.get(svc.name):
+            print(f"stack: error: {unknown[svc.name]}", file=sys.stderr)
+        elif svc in refused:
+            print(f"{svc.name}: still running (pid {pid})")
+        else:
+            print(f"{svc.name}: stopped (pid {pid})" if pid else f"{svc.name}: not running")
+    return 1 if refused or any(unknown.values()) else 0
 
 
 def cmd_status(cfg: Config, services: list[Service]) -> int:
@@ -1247,6 +1332,8 @@ def cmd_status(cfg: Config, services: list[Service]) -> int:
             state = "up"
         elif pid is not None:
             state, all_up = "starting", False
+        elif svc.unreadable_pid_file():
+            state, all_up = "unknown (pid file holds no pid; its port is taken)", False
         else:
             taken = any(port_open(port) for port in svc.ports)
             state, all_up = ("down (port taken by another process)" if taken else "down"), False
@@ -1266,7 +1353,8 @@ def cmd_wipe(cfg: Config, services: list[Service], everything: bool) -> int:
         return 0
     if not (cfg.root / STACK_MARKER).exists():
         raise StackError(f"{cfg.root} has no {STACK_MARKER} file; not deleting anything in it")
-    cmd_down(cfg, services)
+    if cmd_down(cfg, services) != 0:
+        raise StackError("a server may still be running (see above); not deleting its data")
     if everything:
         shutil.rmtree(cfg.root)
         print(f"stack: deleted {cfg.root}")
