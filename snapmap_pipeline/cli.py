@@ -315,19 +315,31 @@ class PartitionAccount:
 
 
 def account_partition(
-    db: Database, topic: str, partition: int, low: int, high: int, committed: int | None
+    db: Database,
+    topic: str,
+    partition: int,
+    low: int,
+    high: int,
+    committed: int | None,
+    topic_id: str | None = None,
 ) -> PartitionAccount:
     """Offsets in applied batches are applied; of the rest, those in ``[low, committed)`` are
     unaccounted (the group moved past them) and those in ``[committed, high)`` are pending.
-    Every valid photo whose source offset is in an applied batch must have an event."""
+    Every valid photo whose source offset is in an applied batch must have an event.
+
+    With ``topic_id``, records of a deleted topic of the same name (another id) are left out;
+    records without an id (written before ids were recorded) count as the current topic's."""
     account = PartitionAccount(partition, low, high, committed)
-    batches = list(db.batches.find({"topic": topic, "partition": partition, "status": "applied"}))
+    of_topic = {} if topic_id is None else {"topicId": {"$in": [topic_id, None]}}
+    batches = list(
+        db.batches.find({"topic": topic, "partition": partition, "status": "applied", **of_topic})
+    )
     covered = merge_ranges([(int(b["first"]), int(b["last"])) for b in batches])
     account.applied = _size(covered)
     account.valid = sum(int(b.get("valid", 0)) for b in batches)
     account.lost_to_retention = sum(int(b.get("lostToRetention", 0)) for b in batches)
     account.dead_lettered = db.dead_letters.count_documents(
-        {"topic": topic, "partition": partition}
+        {"topic": topic, "partition": partition, **of_topic}
     )
     start = low if committed is None else max(low, committed)
     pending = uncovered(start, high, covered)
@@ -345,6 +357,7 @@ def account_partition(
             "deadLettered": {"$ne": True},
             "source.topic": topic,
             "source.partition": partition,
+            **({} if topic_id is None else {"source.topicId": {"$in": [topic_id, None]}}),
         },
         {"source": 1},
     )
@@ -362,12 +375,13 @@ def run_accounting(args: argparse.Namespace) -> int:
             partitions = kafka.partitions(consumer, topic)
             marks = {p: kafka.watermarks(consumer, topic, p) for p in partitions}
             committed = kafka.committed(consumer, topic, partitions)
+        topic_id = kafka.topic_id(topic)
         db = res.mongo.db()
         accounts = [
-            account_partition(db, topic, p, marks[p].low, marks[p].high, committed.get(p))
+            account_partition(db, topic, p, marks[p].low, marks[p].high, committed.get(p), topic_id)
             for p in partitions
         ]
-    print(f"topic {topic}, consumer group {kafka.consumer_group}")
+    print(f"topic {topic} (id {topic_id}), consumer group {kafka.consumer_group}")
     header = (
         "partition",
         "low",

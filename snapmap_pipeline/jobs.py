@@ -10,16 +10,14 @@ SWEEPER_JOB_NAME = "sweeper"
 
 
 def ingest_run_config(offsets: OffsetRange) -> dict:
-    """Run config of one micro-batch: the offset range and nothing else."""
-    return {
-        "ops": {
-            "photo_uploads": {
-                "config": {
-                    "topic": offsets.topic,
-                    "partition": offsets.partition,
-                    "first_offset": offsets.first,
-                    "last_offset": offsets.last,
-                }
-            }
-        }
+    """Run config of one micro-batch: the offset range (with its topic's id when known) and
+    nothing else."""
+    config: dict = {
+        "topic": offsets.topic,
+        "partition": offsets.partition,
+        "first_offset": offsets.first,
+        "last_offset": offsets.last,
     }
+    if offsets.topic_id is not None:
+        config["topic_id"] = offsets.topic_id
+    return {"ops": {"photo_uploads": {"config": config}}}

@@ -1,7 +1,7 @@
 """The first step of a micro-batch: read exactly its offset range, dead-letter what breaks the
 contract, upsert the valid photos."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from confluent_kafka import Message
@@ -10,7 +10,7 @@ from pymongo.database import Database
 
 from snapmap_pipeline.contract.validation import InvalidUpload, PhotoUpload, validate_upload
 from snapmap_pipeline.resources.blob import BlobStorageResource
-from snapmap_pipeline.resources.kafka import KafkaResource, OffsetRange
+from snapmap_pipeline.resources.kafka import KafkaResource, OffsetRange, TopicRecreated
 from snapmap_pipeline.resources.mongo import MongoResource
 from snapmap_pipeline.settings import PipelineSettings
 from snapmap_pipeline.store.dead_letters import DeadLetter, send_dead_letters
@@ -20,15 +20,20 @@ OWNERS = ["team:data-engineering"]
 
 
 class OffsetRangeConfig(Config):
-    """The micro-batch: offsets first..last (inclusive) of one partition."""
+    """The micro-batch: offsets first..last (inclusive) of one partition of the topic with
+    ``topic_id`` (None in run configs written before the sensor recorded topic ids: the run then
+    takes the topic as it finds it)."""
 
     topic: str
     partition: int
     first_offset: int
     last_offset: int
+    topic_id: str | None = None
 
     def offsets(self) -> OffsetRange:
-        return OffsetRange(self.topic, self.partition, self.first_offset, self.last_offset)
+        return OffsetRange(
+            self.topic, self.partition, self.first_offset, self.last_offset, self.topic_id
+        )
 
 
 @dataclass
@@ -50,9 +55,10 @@ def published_at(message: Message) -> datetime | None:
 
 
 def split_batch(
-    messages: list[Message], blob: BlobStorageResource
+    messages: list[Message], blob: BlobStorageResource, topic_id: str | None = None
 ) -> tuple[dict[str, tuple[PhotoUpload, dict, datetime]], list[DeadLetter]]:
-    """Validate each message; the last valid message per photoId wins within a batch."""
+    """Validate each message of the topic with ``topic_id``; the last valid message per
+    photoId wins within a batch."""
     policy = blob.url_policy()
     valid: dict[str, tuple[PhotoUpload, dict, datetime]] = {}
     rejected: list[DeadLetter] = []
@@ -62,11 +68,14 @@ def split_batch(
             "topic": message.topic(),
             "partition": message.partition(),
             "offset": message.offset(),
+            "topicId": topic_id,
         }
         try:
             upload = validate_upload(message.value(), policy, sent_at)
         except InvalidUpload as invalid:
-            rejected.append(DeadLetter.from_message(message, invalid.code, invalid.reason))
+            rejected.append(
+                DeadLetter.from_message(message, invalid.code, invalid.reason, topic_id)
+            )
             continue
         valid[upload.photo_id] = (upload, source, sent_at or datetime.now(UTC))
     return valid, rejected
@@ -89,6 +98,20 @@ def moved_events(db: Database, uploads: dict[str, tuple[PhotoUpload, dict, datet
     return sorted(moved)
 
 
+def of_current_topic(offsets: OffsetRange, kafka: KafkaResource) -> OffsetRange:
+    """``offsets`` with the topic's current id; raises ``TopicRecreated`` when the range was
+    planned on a topic that has since been deleted and created again under the same name
+    (reading it would apply the new topic's messages as the old range's: the sensor plans
+    the new topic's offsets itself)."""
+    current = kafka.topic_id(offsets.topic)
+    if offsets.topic_id is not None and offsets.topic_id != current:
+        raise TopicRecreated(
+            f"{offsets.key}: {offsets.topic} was deleted and created again (its id is now "
+            f"{current}); the range's messages are gone, so this run cannot apply them"
+        )
+    return replace(offsets, topic_id=current)
+
+
 @asset(
     group_name="ingest",
     kinds={"kafka", "mongodb"},
@@ -107,15 +130,17 @@ def photo_uploads(
     blob: BlobStorageResource,
     settings: PipelineSettings,
 ) -> Output[IngestedBatch]:
-    offsets = config.offsets()
+    offsets = of_current_topic(config.offsets(), kafka)
     messages, lost = kafka.read_range(offsets)
+    # Deleted and created again while this run read: the messages may be the new topic's.
+    of_current_topic(offsets, kafka)
     if lost:
         context.log.warning(
             "%d offsets of %s were deleted by retention before this run read them",
             lost,
             offsets.key,
         )
-    valid, rejected = split_batch(messages, blob)
+    valid, rejected = split_batch(messages, blob, offsets.topic_id)
     db = mongo.db()
     sent = send_dead_letters(db, kafka, settings.dead_letter_topic, rejected)
     moved = moved_events(db, valid) if valid else []

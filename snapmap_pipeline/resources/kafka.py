@@ -19,7 +19,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicCollection,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic
 from dagster import ConfigurableResource
 from pydantic import Field
@@ -106,18 +114,30 @@ class KafkaUnavailable(RuntimeError):
     """The broker did not answer within the configured timeout."""
 
 
+class TopicRecreated(RuntimeError):
+    """The topic an offset range was planned on was deleted and a topic of the same name
+    created: its offsets now name other messages, and the range's own messages are gone."""
+
+
 @dataclass(frozen=True)
 class OffsetRange:
-    """Offsets ``first`` to ``last`` inclusive of one topic partition: one micro-batch."""
+    """Offsets ``first`` to ``last`` inclusive of one topic partition: one micro-batch.
+
+    ``topic_id`` is the broker's id of the topic (it changes when a topic is deleted and
+    created again under the same name); None for ranges planned before ids were recorded."""
 
     topic: str
     partition: int
     first: int
     last: int
+    topic_id: str | None = None
 
     @property
     def key(self) -> str:
-        return f"{self.topic}/{self.partition}/{self.first}-{self.last}"
+        """``topic/partition/first-last``, then ``@topic_id`` when the id is known, so that
+        the same offsets of a recreated topic are another run key and another batch."""
+        plain = f"{self.topic}/{self.partition}/{self.first}-{self.last}"
+        return plain if self.topic_id is None else f"{plain}@{self.topic_id}"
 
     @property
     def count(self) -> int:
@@ -251,6 +271,23 @@ class KafkaResource(ConfigurableResource):
             reason = topic_metadata.error if topic_metadata else "missing"
             raise KafkaUnavailable(f"topic {topic} is not available: {reason}")
         return sorted(topic_metadata.partitions)
+
+    def topic_id(self, topic: str) -> str:
+        """The broker's id of ``topic``, as ``kafka-topics.sh --describe`` prints it (URL-safe
+        base64 of its UUID). A topic deleted and created again under the same name gets a new
+        id; the id is how the sensor and the offset commit tell the two apart."""
+        admin = self.admin()
+        try:
+            future = admin.describe_topics(
+                TopicCollection([topic]), request_timeout=self.timeout_s
+            )[topic]
+            description = future.result(timeout=self.timeout_s * 2)
+        except KafkaException as error:
+            raise KafkaUnavailable(f"description of {topic}: {error}") from error
+        except TimeoutError as error:
+            raise KafkaUnavailable(f"description of {topic}: no answer") from error
+        # librdkafka prints the standard alphabet; Kafka's tools print the URL-safe one.
+        return str(description.topic_id).replace("+", "-").replace("/", "_")
 
     def watermarks(self, consumer: Consumer, topic: str, partition: int) -> Watermarks:
         try:

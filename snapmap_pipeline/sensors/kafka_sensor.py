@@ -5,17 +5,24 @@ the cursor (JSON: next offset per partition) and requests one run per new offset
 at ``max_messages`` per run and ``max_runs_per_tick`` per tick. A tick cut short by that cap
 or by its time budget records where it stopped, and the next tick starts there, so a slow broker
 or one partition's backlog cannot starve the other partitions. Runs carry the offset range,
-never payloads, and ``run_key`` = topic/partition/first-last, so a re-evaluated tick launches
-nothing twice. A partition without a cursor entry starts from the consumer group's committed
-offset, else from the earliest offset (never "latest": cases.md #18). Offsets deleted by
+never payloads, and ``run_key`` = topic/partition/first-last@topic-id, so a re-evaluated tick
+launches nothing twice. A partition without a cursor entry starts from the consumer group's
+committed offset, else from the earliest offset (never "latest": cases.md #18). Offsets deleted by
 retention before a run was requested are a visible gap: a log line, a run tag and an
 observation on the ``photo_uploads`` asset.
+
+The cursor also holds the topic's id. A topic deleted and created again under the same name
+has a new id and starts again at offset 0, so the old cursor's offsets mean nothing there: the
+tick logs an error and restarts every partition of the new topic as if it had no cursor entry
+(the group's committed offset when it lies within the partition, else the earliest offset). A
+cursor offset beyond a partition's end offset (a recreation the cursor cannot tell, a broker
+that lost data) is restarted the same way, with a warning.
 """
 
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dagster import (
     AssetObservation,
@@ -32,50 +39,65 @@ from dagster import (
 )
 
 from snapmap_pipeline.jobs import INGEST_JOB_NAME, ingest_run_config
-from snapmap_pipeline.resources.kafka import KafkaResource, OffsetRange
+from snapmap_pipeline.resources.kafka import KafkaResource, OffsetRange, Watermarks
 from snapmap_pipeline.settings import PipelineSettings
 
 UPLOADS_ASSET = "photo_uploads"
-# The cursor key, beside the partition ids, of the partition the next tick starts at.
+# The cursor keys, beside the partition ids: the partition the next tick starts at, and the
+# id of the topic the offsets belong to.
 RESUME_KEY = "resume_partition"
+TOPIC_ID_KEY = "topic_id"
 
 
 @dataclass(frozen=True)
 class SensorCursor:
-    """What a tick hands to the next one: the next offset per partition, and the partition
-    to start at when the previous tick stopped before covering every partition.
+    """What a tick hands to the next one: the next offset per partition, the partition to
+    start at when the previous tick stopped before covering every partition, and the id of the
+    topic those offsets are of.
 
-    As JSON: ``{"0": 1200, "1": 900, "resume_partition": 1}``. ``resume_partition`` is written
-    only by a tick that was cut short (by its time budget or by ``max_runs_per_tick``), so a
-    cursor without it (every cursor written before it existed, or edited by an operator) is
-    read as "start at the first partition".
+    As JSON: ``{"0": 1200, "1": 900, "resume_partition": 1, "topic_id": "..."}``.
+    ``resume_partition`` is written only by a tick that was cut short (by its time budget or
+    by ``max_runs_per_tick``), so a cursor without it (every cursor written before it existed,
+    or edited by an operator) is read as "start at the first partition". A cursor without
+    ``topic_id`` (written before it existed, or edited) is read as one of the current topic.
     """
 
     offsets: dict[int, int]
     resume_partition: int | None = None
+    topic_id: str | None = None
 
     @classmethod
     def parse(cls, text: str | None) -> "SensorCursor":
         values = json.loads(text or "{}")
         resume = values.pop(RESUME_KEY, None)
+        topic_id = values.pop(TOPIC_ID_KEY, None)
         offsets = {int(partition): int(offset) for partition, offset in values.items()}
-        return cls(offsets, None if resume is None else int(resume))
+        return cls(offsets, None if resume is None else int(resume), topic_id)
 
     def to_json(self) -> str:
-        values: dict[str, int] = {str(p): o for p, o in self.offsets.items()}
+        values: dict[str, int | str] = {str(p): o for p, o in self.offsets.items()}
         if self.resume_partition is not None:
             values[RESUME_KEY] = self.resume_partition
+        if self.topic_id is not None:
+            values[TOPIC_ID_KEY] = self.topic_id
         return json.dumps(values, sort_keys=True)
 
 
 @dataclass(frozen=True)
 class TickPlan:
-    """What one tick decided: ranges to run, the next cursor, lag and retention gaps."""
+    """What one tick decided: ranges to run, the next cursor, lag and retention gaps.
+
+    ``replaced_topic_id`` is the cursor's topic id when the topic now has another one (it was
+    deleted and created again); ``restarts`` maps each partition whose cursor offset was
+    dropped (for that reason, or because it lay beyond the partition's end offset) to that
+    offset and the offset it restarted at."""
 
     ranges: list[OffsetRange]
     cursor: SensorCursor
     lag: dict[int, int]
     gaps: dict[int, tuple[int, int]]
+    replaced_topic_id: str | None = None
+    restarts: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 def rotated(partitions: list[int], first: int | None) -> list[int]:
@@ -101,17 +123,25 @@ def plan_tick(
     the last one planned: with N partitions, each is planned at least once every N ticks.
     ``busy`` partitions already have ``max_pending_runs_per_partition`` unfinished runs: they
     are left as they are, so their backlog goes into fewer, larger runs once those finish.
+
+    When the topic's id is not the cursor's (the topic was recreated), the cursor's offsets
+    and resume partition are dropped and every partition starts as one without a cursor
+    entry. A cursor offset beyond its partition's end offset is dropped the same way.
     """
     deadline = time.monotonic() + settings.sensor_tick_budget_s
+    topic = settings.uploads_topic
     ranges: list[OffsetRange] = []
     lag: dict[int, int] = {}
     gaps: dict[int, tuple[int, int]] = {}
-    offsets = dict(cursor.offsets)
+    restarts: dict[int, tuple[int, int]] = {}
     with kafka.consumer() as consumer:
-        partitions = kafka.partitions(consumer, settings.uploads_topic)
+        partitions = kafka.partitions(consumer, topic)
+        topic_id = kafka.topic_id(topic)
+        replaced = cursor.topic_id if cursor.topic_id not in (None, topic_id) else None
+        offsets = {} if replaced else dict(cursor.offsets)
         unknown = [p for p in partitions if p not in offsets]
-        committed = kafka.committed(consumer, settings.uploads_topic, unknown) if unknown else {}
-        order = rotated(partitions, cursor.resume_partition)
+        committed = kafka.committed(consumer, topic, unknown) if unknown else {}
+        order = rotated(partitions, None if replaced else cursor.resume_partition)
         planned = 0
         position = 0
         cut_short = False
@@ -122,14 +152,23 @@ def plan_tick(
             if out_of_time or len(ranges) >= settings.max_runs_per_tick:
                 cut_short = True
                 break
-            marks = kafka.watermarks(consumer, settings.uploads_topic, partition)
-            start = offsets.get(partition, committed.get(partition, marks.low))
+            marks = kafka.watermarks(consumer, topic, partition)
+            start = offsets.get(partition)
+            if start is not None and start > marks.high:
+                # Offsets the partition never had: the old cursor names a vanished log.
+                group = kafka.committed(consumer, topic, [partition]).get(partition)
+                restarts[partition] = (start, restart_offset(group, marks))
+                start = restarts[partition][1]
+            elif start is None:
+                start = restart_offset(committed.get(partition), marks)
+                if replaced and cursor.offsets.get(partition, start) != start:
+                    restarts[partition] = (cursor.offsets[partition], start)
             if start < marks.low:
                 gaps[partition] = (start, marks.low - 1)
                 start = marks.low
             while start < marks.high and len(ranges) < settings.max_runs_per_tick:
                 last = min(start + settings.max_messages_per_run, marks.high) - 1
-                ranges.append(OffsetRange(settings.uploads_topic, partition, start, last))
+                ranges.append(OffsetRange(topic, partition, start, last, topic_id))
                 start = last + 1
             offsets[partition] = start
             lag[partition] = marks.high - start
@@ -139,7 +178,16 @@ def plan_tick(
                 position += 1
                 break
     resume = order[position % len(order)] if cut_short and order else None
-    return TickPlan(ranges, SensorCursor(offsets, resume), lag, gaps)
+    cursor = SensorCursor(offsets, resume, topic_id)
+    return TickPlan(ranges, cursor, lag, gaps, replaced, restarts)
+
+
+def restart_offset(committed: int | None, marks: Watermarks) -> int:
+    """Where a partition without a usable cursor offset starts: the group's committed offset
+    when the partition has it (at or below its end offset), else the earliest offset."""
+    if committed is None or committed > marks.high:
+        return marks.low
+    return committed
 
 
 UNFINISHED = [
@@ -174,14 +222,20 @@ def busy_partitions(instance: DagsterInstance, settings: PipelineSettings) -> fr
 
 
 def ranges_to_heal(
-    instance: DagsterInstance, settings: PipelineSettings, committed: dict[int, int], now: float
+    instance: DagsterInstance,
+    settings: PipelineSettings,
+    committed: dict[int, int],
+    now: float,
+    topic_id: str | None = None,
 ) -> list[tuple[OffsetRange, int]]:
     """Ranges not committed yet whose every run failed or was canceled (run retries included),
     the last one long enough ago: each with the number of attempts so far.
 
     Dagster's run retries handle a brief fault; after a longer one (a database down for
     several minutes) they are spent, and without this the range would stay unapplied and the
-    partition's commit would stop there until someone re-executed it by hand."""
+    partition's commit would stop there until someone re-executed it by hand. Ranges of
+    another ``topic_id`` (a topic since deleted and created again) are not requested again:
+    their messages are gone, and their offsets now name the new topic's messages."""
     gave_up = instance.get_run_records(
         RunsFilter(
             job_name=INGEST_JOB_NAME,
@@ -195,21 +249,14 @@ def ranges_to_heal(
         offsets = offsets_of(record.dagster_run.tags, settings.uploads_topic)
         if offsets is None or offsets.last < committed.get(offsets.partition, 0):
             continue
+        if offsets.topic_id not in (None, topic_id):
+            continue
         ended = record.end_time or record.update_timestamp.timestamp()
         known = candidates.get(offsets.key)
         candidates[offsets.key] = (offsets, max(ended, known[1] if known else 0.0))
     healed = []
     for _key, (offsets, last_end) in sorted(candidates.items()):
-        runs = instance.get_runs(
-            RunsFilter(
-                job_name=INGEST_JOB_NAME,
-                tags={
-                    "snapmap/topic": offsets.topic,
-                    "snapmap/partition": str(offsets.partition),
-                    "snapmap/offsets": f"{offsets.first}-{offsets.last}",
-                },
-            )
-        )
+        runs = instance.get_runs(RunsFilter(job_name=INGEST_JOB_NAME, tags=range_tags(offsets)))
         if any(run.status not in GAVE_UP for run in runs):
             continue  # applied, or a run (a retry, a re-execution) is still on it
         attempts = len(runs)
@@ -232,20 +279,28 @@ def offsets_of(tags: dict[str, str], topic: str) -> OffsetRange | None:
         return None
     try:
         first, last = (int(x) for x in tags["snapmap/offsets"].split("-"))
-        return OffsetRange(topic, int(tags["snapmap/partition"]), first, last)
+        partition = int(tags["snapmap/partition"])
     except (KeyError, ValueError):
         return None
+    return OffsetRange(topic, partition, first, last, tags.get("snapmap/topic_id"))
+
+
+def range_tags(offsets: OffsetRange) -> dict[str, str]:
+    """The tags that name a range's runs (the topic id only when the range has one)."""
+    tags = {
+        "snapmap/topic": offsets.topic,
+        "snapmap/partition": str(offsets.partition),
+        "snapmap/offsets": f"{offsets.first}-{offsets.last}",
+    }
+    if offsets.topic_id is not None:
+        tags["snapmap/topic_id"] = offsets.topic_id
+    return tags
 
 
 def run_request_for(
     offsets: OffsetRange, gap: tuple[int, int] | None = None, attempt: int = 0
 ) -> RunRequest:
-    tags = {
-        "snapmap/topic": offsets.topic,
-        "snapmap/partition": str(offsets.partition),
-        "snapmap/offsets": f"{offsets.first}-{offsets.last}",
-        "snapmap/batch_size": str(offsets.count),
-    }
+    tags = {**range_tags(offsets), "snapmap/batch_size": str(offsets.count)}
     if gap is not None:
         tags["snapmap/retention_gap"] = f"{gap[0]}-{gap[1]}"
     run_key = offsets.key
@@ -276,9 +331,39 @@ def photo_uploads_sensor(
             committed = kafka.committed(
                 consumer, settings.uploads_topic, partitions, coordinator_retry_s=5.0
             )
-        heal = ranges_to_heal(instance, settings, committed, time.time())
+        heal = ranges_to_heal(instance, settings, committed, time.time(), plan.cursor.topic_id)
 
     observations = []
+    if plan.replaced_topic_id is not None:
+        context.log.error(
+            "%s was deleted and created again (topic id %s, was %s): the cursor's offsets "
+            "belong to the deleted topic; every partition restarts at the group's committed "
+            "offset if the new topic has it, else at its earliest offset",
+            settings.uploads_topic,
+            plan.cursor.topic_id,
+            plan.replaced_topic_id,
+        )
+    for partition, (old, restart) in sorted(plan.restarts.items()):
+        if plan.replaced_topic_id is None:
+            context.log.warning(
+                "cursor offset %d of %s/%d is beyond the partition's end offset (a topic "
+                "recreated, or a broker that lost messages); restarting at offset %d",
+                old,
+                settings.uploads_topic,
+                partition,
+                restart,
+            )
+        observations.append(
+            AssetObservation(
+                asset_key=UPLOADS_ASSET,
+                metadata={
+                    "cursor_reset_partition": partition,
+                    "cursor_reset_from": old,
+                    "cursor_reset_to": restart,
+                    "topic_id": plan.cursor.topic_id or "",
+                },
+            )
+        )
     for partition, (first, last) in plan.gaps.items():
         context.log.warning(
             "offsets %d-%d of %s/%d were deleted by retention before they were read",

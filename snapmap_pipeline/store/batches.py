@@ -1,4 +1,10 @@
-"""Offset bookkeeping: which ranges are applied, and the contiguous commit."""
+"""Offset bookkeeping: which ranges are applied, and the contiguous commit.
+
+A batch record names its topic by name and by the broker's topic id: a topic deleted and
+created again under the same name starts again at offset 0, and only the ranges of the topic
+that exists now may move its committed offset. Records written before ids were recorded are
+taken as the current topic's by the first commit that sees them (they are stamped with its id).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ def record_batch(db: Database, batch: IngestedBatch) -> None:
         {
             "$set": {
                 "topic": offsets.topic,
+                "topicId": offsets.topic_id,
                 "partition": offsets.partition,
                 "first": offsets.first,
                 "last": offsets.last,
@@ -46,9 +53,17 @@ def commit_contiguous(db: Database, kafka: KafkaResource, topic: str, partition:
     offset never passes an offset that is still pending (cases.md #15). Read, walk and commit
     happen under the partition's offsets lease: Kafka keeps the last commit, not the highest,
     so two runs of one partition finishing together could otherwise move it backwards (the
-    one that walked less committing last)."""
+    one that walked less committing last).
+
+    Only ranges recorded with the topic's current id count: the ranges of a deleted topic of
+    the same name cover offsets the current topic's messages have not been applied at."""
     lease_id = offsets_lease_id(topic, partition)
     with held_lease(db, lease_id) as token:
+        topic_id = kafka.topic_id(topic)
+        db.batches.update_many(
+            {"topic": topic, "partition": partition, "topicId": None},
+            {"$set": {"topicId": topic_id}},
+        )
         with kafka.consumer() as consumer:
             low = kafka.watermarks(consumer, topic, partition).low
             # Offsets below the low watermark were deleted by retention (the sensor recorded
@@ -59,6 +74,7 @@ def commit_contiguous(db: Database, kafka: KafkaResource, topic: str, partition:
             batch = db.batches.find_one(
                 {
                     "topic": topic,
+                    "topicId": topic_id,
                     "partition": partition,
                     "status": "applied",
                     "first": {"$lte": position},
@@ -79,6 +95,17 @@ def commit_contiguous(db: Database, kafka: KafkaResource, topic: str, partition:
                 topic,
                 partition,
                 position,
+            )
+            return committed
+        # Likewise a topic recreated during the walk; what is left is the moment until the
+        # commit below.
+        if kafka.topic_id(topic) != topic_id:
+            log.warning(
+                "%s was deleted and created again before offset %d of partition %d was "
+                "committed; not committing",
+                topic,
+                position,
+                partition,
             )
             return committed
         kafka.commit_offset(topic, partition, position)

@@ -70,7 +70,7 @@ def test_operator_views(webserver, dagster_instance, resources, kafka, settings,
     publish(kafka, settings.uploads_topic, batch_of_uploads(), partition=0)
     harness = Harness(dagster_instance, resources)
     requests = harness.tick()
-    offsets_key = f"{settings.uploads_topic}/0/0-8"
+    offsets_key = f"{settings.uploads_topic}/0/0-8@{kafka.topic_id(settings.uploads_topic)}"
     assert [r.run_key for r in requests] == [offsets_key]
     run_id = harness.execute(requests[0]).run_id
     sweep = harness.definitions.resolve_job_def(SWEEPER_JOB_NAME)

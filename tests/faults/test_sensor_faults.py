@@ -124,4 +124,5 @@ def test_slow_broker_is_cut_by_the_tick_budget_and_no_partition_starves(resource
     # Every tick was cut short (three 0.5 s partitions never fit in 0.7 s), so the cursor says
     # where the next tick starts.
     assert state.pop("resume_partition") in (0, 1, 2)
+    assert state.pop("topic_id") == kafka.topic_id(settings.uploads_topic)
     assert state == {"0": 2, "1": 2, "2": 2}

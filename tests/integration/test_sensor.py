@@ -11,7 +11,7 @@ from confluent_kafka.admin import NewPartitions
 from dagster import SkipReason, build_sensor_context, instance_for_test
 
 from snapmap_pipeline.resources.kafka import KafkaResource, KafkaUnavailable
-from snapmap_pipeline.sensors.kafka_sensor import photo_uploads_sensor
+from snapmap_pipeline.sensors.kafka_sensor import SensorCursor, photo_uploads_sensor
 from tests.integration.pipeline import Harness, publish, upload
 from tests.integration.test_ingestion import changed
 
@@ -38,6 +38,8 @@ def test_cursor_advances_and_ranges_cover_every_offset_once(resources, settings,
     result, _ = tick(resources, None)
 
     cursor = json.loads(result.cursor)
+    topic_id = cursor.pop("topic_id")
+    assert topic_id == kafka.topic_id(settings.uploads_topic)
     assert sum(cursor.values()) == 1200
     covered: dict[int, list[int]] = {}
     for request in result.run_requests:
@@ -45,13 +47,14 @@ def test_cursor_advances_and_ranges_cover_every_offset_once(resources, settings,
         assert config["last_offset"] - config["first_offset"] + 1 <= settings.max_messages_per_run
         assert request.run_key == (
             f"{settings.uploads_topic}/{config['partition']}/"
-            f"{config['first_offset']}-{config['last_offset']}"
+            f"{config['first_offset']}-{config['last_offset']}@{topic_id}"
         )
         assert set(request.run_config["ops"]["photo_uploads"]["config"]) == {
             "topic",
             "partition",
             "first_offset",
             "last_offset",
+            "topic_id",
         }
         covered.setdefault(config["partition"], []).extend(
             range(config["first_offset"], config["last_offset"] + 1)
@@ -61,7 +64,7 @@ def test_cursor_advances_and_ranges_cover_every_offset_once(resources, settings,
 
     publish(kafka, settings.uploads_topic, values(3, "more"))
     later, _ = tick(resources, result.cursor)
-    assert sum(json.loads(later.cursor).values()) == 1203
+    assert sum(SensorCursor.parse(later.cursor).offsets.values()) == 1203
     assert sum(int(r.tags["snapmap/batch_size"]) for r in later.run_requests) == 3
 
 
@@ -185,12 +188,13 @@ def test_one_partitions_backlog_does_not_starve_the_others(resources, settings, 
     capped = {**resources, "settings": small}
 
     first, _ = tick(capped, None)
+    topic_id = kafka.topic_id(settings.uploads_topic)
     assert keys_by_partition(first).keys() == {0}
-    assert json.loads(first.cursor) == {"0": 6, "resume_partition": 1}
+    assert json.loads(first.cursor) == {"0": 6, "resume_partition": 1, "topic_id": topic_id}
 
     second, _ = tick(capped, first.cursor)
     assert {p: len(keys) for p, keys in keys_by_partition(second).items()} == {1: 1, 2: 1, 0: 1}
-    assert json.loads(second.cursor) == {"0": 8, "1": 2, "2": 2, "resume_partition": 1}
+    assert SensorCursor.parse(second.cursor) == SensorCursor({0: 8, 1: 2, 2: 2}, 1, topic_id)
 
     cursor = second.cursor
     for _ in range(20):
@@ -201,7 +205,7 @@ def test_one_partitions_backlog_does_not_starve_the_others(resources, settings, 
         assert keys_by_partition(result).keys() == {0}
         cursor = result.cursor
     # A tick that covered every partition leaves the cursor in its plain form.
-    assert json.loads(cursor) == {"0": 40, "1": 2, "2": 2}
+    assert json.loads(cursor) == {"0": 40, "1": 2, "2": 2, "topic_id": topic_id}
 
 
 def test_cursors_without_or_with_a_stale_resume_partition_still_load(resources, settings, kafka):
@@ -210,10 +214,11 @@ def test_cursors_without_or_with_a_stale_resume_partition_still_load(resources, 
     for partition in range(3):
         publish(kafka, settings.uploads_topic, values(1, f"p{partition}"), partition=partition)
     capped = {**resources, "settings": changed(settings, max_runs_per_tick=1)}
+    topic_id = kafka.topic_id(settings.uploads_topic)
     for cursor in ('{"0": 0, "1": 0, "2": 0}', '{"0": 0, "1": 0, "2": 0, "resume_partition": 7}'):
         result, _ = tick(capped, cursor)
         assert keys_by_partition(result).keys() == {0}
-        assert json.loads(result.cursor) == {"0": 1, "1": 0, "2": 0, "resume_partition": 1}
+        assert SensorCursor.parse(result.cursor) == SensorCursor({0: 1, 1: 0, 2: 0}, 1, topic_id)
     resumed, _ = tick(capped, '{"0": 0, "1": 0, "2": 0, "resume_partition": 2}')
     assert keys_by_partition(resumed).keys() == {2}
-    assert json.loads(resumed.cursor) == {"0": 0, "1": 0, "2": 1, "resume_partition": 0}
+    assert SensorCursor.parse(resumed.cursor) == SensorCursor({0: 0, 1: 0, 2: 1}, 0, topic_id)
