@@ -33,15 +33,19 @@ def report_metadata(report: ReclusterReport, settings: PipelineSettings) -> dict
 
 
 def with_original_bytes(kafka: KafkaResource, letters: list[DeadLetter]) -> list[DeadLetter]:
-    """Dead letters raised after ingest carry no payload; fetch it from its source offset."""
+    """Dead letters raised after ingest carry no payload; fetch it from its source offset,
+    unless the topic was deleted and created again since (that offset is another message)."""
     completed = []
     for letter in letters:
         if letter.value is None and letter.offset >= 0:
-            messages, _ = kafka.read_range(
-                OffsetRange(letter.topic, letter.partition, letter.offset, letter.offset)
-            )
-            if messages:
-                letter = DeadLetter.from_message(messages[0], letter.code, letter.reason)
+            if letter.topic_id is None or letter.topic_id == kafka.topic_id(letter.topic):
+                messages, _ = kafka.read_range(
+                    OffsetRange(letter.topic, letter.partition, letter.offset, letter.offset)
+                )
+                if messages:
+                    letter = DeadLetter.from_message(
+                        messages[0], letter.code, letter.reason, letter.topic_id
+                    )
         completed.append(letter)
     return completed
 

@@ -102,6 +102,7 @@ def _count_attempt(
         reason=f"failed {record['attempts']} times: {reason}"[:500],
         key=photo_id.encode(),
         value=None,
+        topic_id=source.get("topicId"),
     )
     dead_letter([letter])
     db.photos.update_one({"_id": photo_id}, {"$set": {"deadLettered": True}})

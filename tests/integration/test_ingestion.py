@@ -12,7 +12,7 @@ from dagster import instance_for_test
 from snapmap_pipeline.clustering import ClusterParams
 from snapmap_pipeline.resources.kafka import KafkaResource, OffsetRange
 from snapmap_pipeline.settings import PipelineSettings
-from snapmap_pipeline.store.dead_letters import send_dead_letters
+from snapmap_pipeline.store.dead_letters import DeadLetter, send_dead_letters
 from snapmap_pipeline.store.events import apply_pending_links
 from snapmap_pipeline.store.poison import recluster_isolating_poison
 from snapmap_pipeline.store.recluster import recluster
@@ -142,7 +142,29 @@ def test_poison_photo_is_isolated_then_dead_lettered(resources, settings, kafka,
     (letter,) = read_all(kafka, settings.dead_letter_topic)
     assert dict(letter.headers())["snapmap.error.code"] == b"processing_failed"
     assert letter.value() == values[7]
+    source_topic_id = db.photos.find_one({"_id": "crowd-07"})["source"]["topicId"]
+    assert dict(letter.headers())["snapmap.source.topic_id"] == source_topic_id.encode()
     assert db.photos.find_one({"_id": "crowd-07"})["deadLettered"] is True
+
+
+def test_original_bytes_are_not_taken_from_a_topic_created_again(settings, kafka):
+    """A poison letter's source offset is read back only from the topic it came from: after
+    the topic was deleted and created again, that offset holds another message."""
+    from snapmap_pipeline.assets.events import with_original_bytes
+
+    values = [upload("late-00", "2026-01-17T13:00:00Z", 81.77, 25.43)]
+    publish(kafka, settings.uploads_topic, values, partition=0)
+    current = kafka.topic_id(settings.uploads_topic)
+
+    def letter(topic_id):
+        return DeadLetter(
+            settings.uploads_topic, 0, 0, "processing_failed", "x", b"k", None, topic_id
+        )
+
+    (same,) = with_original_bytes(kafka, [letter(current)])
+    assert same.value == values[0] and same.topic_id == current
+    (other,) = with_original_bytes(kafka, [letter("AAAAAAAAAAAAAAAAAAAAAA")])
+    assert other.value is None and other.topic_id == "AAAAAAAAAAAAAAAAAAAAAA"
 
 
 def test_offsets_commit_only_after_the_run_succeeds(resources, settings, kafka, mongo, unique):
