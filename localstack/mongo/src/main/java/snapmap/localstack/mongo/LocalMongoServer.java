@@ -23,10 +23,16 @@ import de.bwaldvogel.mongo.backend.h2.H2Backend;
  * store commits in the background about once a second, so at most that much can be lost.
  *
  * <p>Only one server can hold a data dir at a time: the MVStore file is locked while open.
+ *
+ * <p>The system property {@code snapmap.mongo.indexKeys} chooses how unique-index keys are
+ * compared: {@code cached} (the default, see {@link IndexKeyType}) or {@code library} (the
+ * library's own way, much slower). Both read and write the same store format, so a store can
+ * be opened with either; {@code library} is there to check that, and to rule the cache out.
  */
 public final class LocalMongoServer {
 
     static final String STORE_FILE = "snapmap.mv.db";
+    static final String INDEX_KEYS_PROPERTY = "snapmap.mongo.indexKeys";
 
     /**
      * What the server tells drivers it is. The library's own choices all announce wire version 8
@@ -59,11 +65,18 @@ public final class LocalMongoServer {
         String host = args[0];
         int port = parsePort(args[1]);
         Path store = Path.of(args[2]).toAbsolutePath().resolve(STORE_FILE);
+        String indexKeys = System.getProperty(INDEX_KEYS_PROPERTY, "cached");
+        if (!indexKeys.equals("cached") && !indexKeys.equals("library")) {
+            System.err.println(INDEX_KEYS_PROPERTY + " must be 'cached' or 'library', got '"
+                               + indexKeys + "'");
+            System.exit(2);
+        }
 
         H2Backend backend;
         try {
             Files.createDirectories(store.getParent());
-            backend = IndexSafeH2Backend.openStore(store.toString());
+            backend = IndexSafeH2Backend.openStore(store.toString(),
+                                                   indexKeys.equals("cached"));
         } catch (IOException | RuntimeException e) {
             // The usual cause is another server still holding the store's file lock.
             System.err.println("cannot open data store " + store + ": " + e.getMessage());
@@ -88,6 +101,10 @@ public final class LocalMongoServer {
             backend.close();
         }, "local-mongo-shutdown"));
         log.info("listening on {}:{} with data in {}", host, port, store);
+        log.info("unique index keys are compared {} ({}={})",
+                 indexKeys.equals("cached") ? "by their cached serialised form"
+                                            : "the library's way, serialised at every comparison",
+                 INDEX_KEYS_PROPERTY, indexKeys);
     }
 
     private static int parsePort(String text) {
