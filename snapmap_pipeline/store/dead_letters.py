@@ -33,7 +33,13 @@ class DeadLetter:
 
     @property
     def source_key(self) -> str:
-        return f"{self.topic}/{self.partition}/{self.offset}"
+        """``topic/partition/offset``; a letter with no source offset (a photo stored by the
+        upload backend whose message never arrived) adds its key, the photo id, so that two
+        such photos get two letters rather than one taken for the other's."""
+        plain = f"{self.topic}/{self.partition}/{self.offset}"
+        if self.offset < 0 and self.key is not None:
+            return f"{plain}/{self.key.decode(errors='replace')}"
+        return plain
 
     @classmethod
     def from_message(

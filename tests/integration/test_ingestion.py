@@ -278,3 +278,20 @@ def test_replay_from_an_old_offset_changes_nothing(resources, settings, kafka, m
     assert replays
     assert (list(db.photos.find({}).sort("_id")), list(db.events.find({}).sort("_id"))) == before
     assert committed(kafka, settings.uploads_topic)[2] == 8
+
+
+def test_letters_without_a_source_offset_are_one_per_photo(settings, kafka, mongo):
+    """Photos the upload backend stored whose message never arrived have no source offset;
+    each poison one still gets its own letter (found by the breaker: the second was taken for
+    the first and dropped without one)."""
+    letters = [
+        DeadLetter("unknown", -1, -1, "processing_failed", "x", photo_id.encode(), None)
+        for photo_id in ("lost-a", "lost-b")
+    ]
+    db = mongo.db()
+    for letter in letters:  # poisoned in separate runs
+        assert send_dead_letters(db, kafka, settings.dead_letter_topic, [letter]) == 1
+    assert send_dead_letters(db, kafka, settings.dead_letter_topic, letters) == 0
+    assert db.dead_letters.count_documents({}) == 2
+    sent = read_all(kafka, settings.dead_letter_topic)
+    assert sorted(m.key() for m in sent) == [b"lost-a", b"lost-b"]
