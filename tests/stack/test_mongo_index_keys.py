@@ -6,9 +6,10 @@ keeps each key's bytes instead of serialising both keys at every comparison (Ind
 The store format and the key order are meant to be unchanged, so that existing stores open. The
 server's `-Dsnapmap.mongo.indexKeys=library` leaves the index maps to the library's own code, so
 here one data dir is written that way, then opened by turns with the cached comparison and the
-library's, and each time every key is found, by `_id` and by two unique secondary indexes, and
-every duplicate is refused with E11000. Were the orders different, a key written under one would
-be searched for on the wrong side of the B-tree under the other: it would not be found, and its
+library's. Each time every document is found by `_id` and by its unique `code`, and a duplicate
+of each of its three unique keys (`_id`, `code`, and the pair `group`, `seq`; 2,700 keys at the
+end) is refused with E11000. Were the orders different, a key written under one would be
+searched for on the wrong side of the B-tree under the other: it would not be found, and its
 duplicate would be accepted.
 
 What this proves: compatibility in both directions, for the key kinds made here (strings of
