@@ -14,10 +14,12 @@ import de.bwaldvogel.mongo.backend.CollectionOptions;
 import de.bwaldvogel.mongo.backend.CursorRegistry;
 import de.bwaldvogel.mongo.backend.Index;
 import de.bwaldvogel.mongo.backend.IndexKey;
+import de.bwaldvogel.mongo.backend.QueryResult;
 import de.bwaldvogel.mongo.backend.h2.H2Backend;
 import de.bwaldvogel.mongo.backend.h2.H2Collection;
 import de.bwaldvogel.mongo.backend.h2.H2Database;
 import de.bwaldvogel.mongo.backend.h2.H2UniqueIndex;
+import de.bwaldvogel.mongo.bson.BsonRegularExpression;
 import de.bwaldvogel.mongo.bson.Document;
 
 /**
@@ -152,6 +154,52 @@ final class IndexSafeH2Backend extends H2Backend {
         @Override
         public synchronized void dropIndex(String indexName) {
             super.dropIndex(indexName);
+        }
+
+        /**
+         * A query that names every key of a unique index with a plain value, plus further
+         * conditions ({@code {_id: X, version: 3}}), is answered from that index and the rest
+         * matched on the documents found. The library uses an index only when the query has
+         * exactly its keys, so such a query (the pipeline's conditional writes) scanned the
+         * whole collection; MongoDB answers it from the index.
+         */
+        @Override
+        protected QueryResult queryDocuments(Document query, Document orderBy, int numberToSkip,
+                                             int limit, int batchSize, Document fieldSelector) {
+            for (Index<Object> index : getIndexes()) {
+                if (index.canHandle(query)) {
+                    return super.queryDocuments(query, orderBy, numberToSkip, limit, batchSize,
+                        fieldSelector);
+                }
+            }
+            for (Index<Object> index : getIndexes()) {
+                Document equalities = plainEqualities(query, index);
+                if (equalities != null && index.canHandle(equalities)) {
+                    return matchDocuments(query, index.getPositions(equalities), orderBy,
+                        numberToSkip, limit, batchSize, fieldSelector);
+                }
+            }
+            return super.queryDocuments(query, orderBy, numberToSkip, limit, batchSize,
+                fieldSelector);
+        }
+
+        /** The query's values for the index's keys, when it is unique and every one of them
+         * is a plain value (no operator, sub-document, array, regular expression or null). */
+        private static Document plainEqualities(Document query, Index<Object> index) {
+            if (!index.isUnique()) {
+                return null;
+            }
+            Document equalities = new Document();
+            for (IndexKey key : index.getKeys()) {
+                Object value = query.get(key.getKey());
+                if (value == null || value instanceof Document
+                    || value instanceof java.util.Collection<?>
+                    || BsonRegularExpression.isRegularExpression(value)) {
+                    return null;
+                }
+                equalities.put(key.getKey(), value);
+            }
+            return equalities;
         }
     }
 }
