@@ -1123,7 +1123,13 @@ class StackLock:
         self.handle = None
 
     def __enter__(self) -> StackLock:
-        self.handle = self.path.open("a")
+        try:
+            self.handle = self.path.open("a")
+        except PermissionError:
+            raise StackError(
+                f"not permitted to open {self.path} (owned by {path_owner(self.path)}); run "
+                "stack commands as the user who started the stack"
+            ) from None
         deadline = time.monotonic() + LOCK_TIMEOUT
         while True:
             try:
@@ -1191,16 +1197,21 @@ def wait_ready(svc: Service, proc: subprocess.Popen | None, pid: int) -> None:
         time.sleep(POLL_INTERVAL)
 
 
-def process_owner(pid: int) -> str:
-    """The user name (or uid) that owns a process, for messages."""
+def path_owner(path: Path) -> str:
+    """The user name (or uid) that owns a file, for messages."""
     try:
-        uid = os.stat(f"/proc/{pid}").st_uid
+        uid = path.stat().st_uid
     except OSError:
         return "another user"
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return f"uid {uid}"
+
+
+def process_owner(pid: int) -> str:
+    """The user name (or uid) that owns a process, for messages."""
+    return path_owner(Path(f"/proc/{pid}"))
 
 
 def send_stop(svc: Service, pid: int, sig: int, group: bool) -> bool:

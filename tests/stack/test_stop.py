@@ -212,3 +212,40 @@ def test_a_server_this_user_may_not_signal_is_reported_and_left_alone(tmp_path):
                 server.kill()
     finally:
         shutil.rmtree(root)
+
+
+def test_a_stack_started_by_root_is_refused_to_another_user_in_one_line(tmp_path):
+    """As a real `sudo` start leaves it: the stack folder and its lock file belong to root and
+    only root may write them. `down` by another user stops at the lock with one line naming
+    the owner (found by the breaker: a traceback, before the signal handling was reached)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run `down` as another user against root's stack")
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("no system python3 that the user nobody can run")
+    root = Path(tempfile.mkdtemp(prefix="stack-eperm-"))
+    try:
+        root.chmod(0o755)
+        cfg = stack.Config.from_env({"SNAPMAP_STACK_DIR": str(root / "stack")})
+        stack.prepare_root(cfg)
+        cfg.root.chmod(0o755)
+        (cfg.root / "stack.lock").touch(0o644)
+        script = root / "stack.py"
+        shutil.copy(STACK_PY, script)
+        script.chmod(0o644)
+        down = subprocess.run(
+            [python, str(script), "down"],
+            env={"SNAPMAP_STACK_DIR": str(cfg.root), "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            user="nobody",
+            cwd=root,
+        )
+        assert "Traceback" not in down.stderr, down.stderr
+        assert down.returncode != 0
+        output = down.stdout + down.stderr
+        assert f"not permitted to open {cfg.root / 'stack.lock'} (owned by root)" in output
+    finally:
+        shutil.rmtree(root)
