@@ -27,12 +27,10 @@ It starts its own servers, on 127.0.0.1 and a free port, from the stack's build 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,27 +42,19 @@ from bson import ObjectId
 from pymongo import ASCENDING, MongoClient, UpdateOne
 from pymongo.errors import BulkWriteError, PyMongoError
 
+from tests.stack.test_pid_file import ROOT, stack
+
 pytestmark = pytest.mark.stack
 
-ROOT = Path(__file__).resolve().parents[2]
 KEYS = 600  # documents to begin with (900 at the end); each has three unique keys
 JAVA_OPTS = "-Xms64m -Xmx512m -XX:+UseSerialGC"
 CACHED_LOG_LINE = "unique index keys are compared by their cached serialised form"
 SLOW_WARNING = "compares its keys the library's slow way"
 
 
-def load_stack():
-    spec = importlib.util.spec_from_file_location("snapmap_stack", ROOT / "localstack" / "stack.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def build_dir() -> Path:
     """The stack's build of the server, brought up to date (a no-op when it is)."""
-    stack = load_stack()
     mongo = stack.Mongo(stack.Config.from_env(dict(os.environ)))
     mongo.install()
     return mongo.build_dir

@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -163,43 +165,55 @@ def test_a_server_started_by_a_process_ignoring_sigterm_still_stops_on_sigterm(
         stack.reap(pid)
 
 
-def test_a_server_this_user_may_not_signal_is_reported_and_left_alone(tmp_path):
-    """A server run by root, stopped by an ordinary user (a stack started with sudo): the OS
-    refuses the signal with EPERM, and `down` says so instead of crashing, keeps the pid file
-    and signals nothing else. Only root can set this up honestly (start a process as itself
-    and run `down` as `nobody`); as another user the test would need a process it cannot
-    signal that also passes the pid file's checks, which it cannot create."""
+@contextmanager
+def stack_folder_of_root(lock_mode: int) -> Iterator[tuple[object, Path]]:
+    """A stack folder made by root, and a copy of stack.py that the user `nobody` can run
+    (pytest's tmp_path is private to root). ``lock_mode`` 0o666 lets `nobody` take the stack
+    lock; 0o644 is what a real `sudo` start leaves. Skips unless run as root."""
     if os.geteuid() != 0:
-        pytest.skip("needs root to run `down` as another user against root's process")
-    python = shutil.which("python3", path="/usr/bin:/bin")
-    if python is None:
+        pytest.skip("needs root to run the stack script as another user against root's stack")
+    if shutil.which("python3", path="/usr/bin:/bin") is None:
         pytest.skip("no system python3 that the user nobody can run")
-    # A folder that `nobody` can read and lock in (pytest's tmp_path is private to root).
     root = Path(tempfile.mkdtemp(prefix="stack-eperm-"))
     try:
         root.chmod(0o755)
         cfg = stack.Config.from_env({"SNAPMAP_STACK_DIR": str(root / "stack")})
         stack.prepare_root(cfg)
-        cfg.root.chmod(0o777)
-        (cfg.root / "stack.lock").touch(0o666)
-        (cfg.root / "stack.lock").chmod(0o666)
-        script = root / "stack.py"
-        shutil.copy(STACK_PY, script)
-        script.chmod(0o644)
+        cfg.root.chmod(0o777 if lock_mode & 0o002 else 0o755)
+        (cfg.root / "stack.lock").touch(lock_mode)
+        (cfg.root / "stack.lock").chmod(lock_mode)
+        shutil.copy(STACK_PY, root / "stack.py")
+        (root / "stack.py").chmod(0o644)
+        yield cfg, root
+    finally:
+        shutil.rmtree(root)
+
+
+def stack_as_nobody(cfg, root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [shutil.which("python3", path="/usr/bin:/bin"), str(root / "stack.py"), *args],
+        env={"SNAPMAP_STACK_DIR": str(cfg.root), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        user="nobody",
+        cwd=root,
+    )
+
+
+def test_a_server_this_user_may_not_signal_is_reported_and_left_alone():
+    """A server run by root, stopped by an ordinary user (a stack started with sudo): the OS
+    refuses the signal with EPERM, and `down` says so instead of crashing, keeps the pid file
+    and signals nothing else. Only root can set this up honestly (start a process as itself
+    and run `down` as `nobody`); as another user the test would need a process it cannot
+    signal that also passes the pid file's checks, which it cannot create."""
+    with stack_folder_of_root(0o666) as (cfg, root):
         azurite = stack.Azurite(cfg)  # any service: only its pid file is used
         with subprocess.Popen(["sleep", "120"], start_new_session=True) as server:
             try:
                 azurite.record_pid(server.pid)
-                down = subprocess.run(
-                    [python, str(script), "down", "--only", "azurite"],
-                    env={"SNAPMAP_STACK_DIR": str(cfg.root), "PATH": "/usr/bin:/bin"},
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                    check=False,
-                    user="nobody",
-                    cwd=root,
-                )
+                down = stack_as_nobody(cfg, root, "down", "--only", "azurite")
                 assert "Traceback" not in down.stderr, down.stderr
                 assert down.returncode == 1
                 assert (
@@ -210,42 +224,15 @@ def test_a_server_this_user_may_not_signal_is_reported_and_left_alone(tmp_path):
                 assert azurite.running_pid() == server.pid, "the pid file was not kept"
             finally:
                 server.kill()
-    finally:
-        shutil.rmtree(root)
 
 
-def test_a_stack_started_by_root_is_refused_to_another_user_in_one_line(tmp_path):
+def test_a_stack_started_by_root_is_refused_to_another_user_in_one_line():
     """As a real `sudo` start leaves it: the stack folder and its lock file belong to root and
     only root may write them. `down` by another user stops at the lock with one line naming
     the owner (found by the breaker: a traceback, before the signal handling was reached)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to run `down` as another user against root's stack")
-    python = shutil.which("python3", path="/usr/bin:/bin")
-    if python is None:
-        pytest.skip("no system python3 that the user nobody can run")
-    root = Path(tempfile.mkdtemp(prefix="stack-eperm-"))
-    try:
-        root.chmod(0o755)
-        cfg = stack.Config.from_env({"SNAPMAP_STACK_DIR": str(root / "stack")})
-        stack.prepare_root(cfg)
-        cfg.root.chmod(0o755)
-        (cfg.root / "stack.lock").touch(0o644)
-        script = root / "stack.py"
-        shutil.copy(STACK_PY, script)
-        script.chmod(0o644)
-        down = subprocess.run(
-            [python, str(script), "down"],
-            env={"SNAPMAP_STACK_DIR": str(cfg.root), "PATH": "/usr/bin:/bin"},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            user="nobody",
-            cwd=root,
-        )
+    with stack_folder_of_root(0o644) as (cfg, root):
+        down = stack_as_nobody(cfg, root, "down")
         assert "Traceback" not in down.stderr, down.stderr
         assert down.returncode != 0
         output = down.stdout + down.stderr
         assert f"not permitted to open {cfg.root / 'stack.lock'} (owned by root)" in output
-    finally:
-        shutil.rmtree(root)
