@@ -37,14 +37,26 @@ from tests.integration.pipeline import Harness, live_events, publish, upload
 pytestmark = [pytest.mark.faults, pytest.mark.kafka, pytest.mark.slow]
 
 
+# Set by BrokerStopsAfterRead's read, cleared when the check after it stops the broker.
+_READ_DONE = threading.Event()
+
+
 class BrokerStopsAfterRead(KafkaResource):
-    """Reads its batch, then the broker is stopped: every later Kafka call of the run meets
-    the outage (dead letters, event-updates, the commit)."""
+    """Reads its batch and checks the topic's id after the read (a topic created again while
+    the run read), then the broker is stopped: every later Kafka call of the run meets the
+    outage (dead letters, event-updates, the commit)."""
 
     def read_range(self, offsets: OffsetRange):
         read = super().read_range(offsets)
-        stack("stop", "kafka")
+        _READ_DONE.set()
         return read
+
+    def topic_id(self, topic: str) -> str:
+        current = super().topic_id(topic)
+        if _READ_DONE.is_set():
+            _READ_DONE.clear()
+            stack("stop", "kafka")
+        return current
 
 
 def crowd(count: int) -> list[bytes]:
