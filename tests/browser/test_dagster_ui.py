@@ -32,6 +32,9 @@ CHECKS = {
     "photo_event_links": ["orphan_photos", "storage_urls_exist"],
 }
 WAIT_MS = 30_000
+# Playwright's expect() has its own timeout (5 s), apart from the page's default: on a loaded
+# machine the asset graph took longer than that to draw in a clean-clone CI check.
+expect.set_options(timeout=WAIT_MS)
 
 
 def batch_of_uploads() -> list[bytes]:

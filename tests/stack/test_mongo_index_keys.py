@@ -82,6 +82,9 @@ def server(build: Path, data_dir: Path, index_keys: str, log: Path) -> Iterator[
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            # The suite's process ignores SIGTERM once a Dagster job has run in it (Dagster
+            # copies SIGINT's disposition, ignored under CI); the JVM would inherit that.
+            preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL),
         )
     client = MongoClient(f"mongodb://127.0.0.1:{port}/", serverSelectionTimeoutMS=1000)
     try:
