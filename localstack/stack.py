@@ -1339,17 +1339,20 @@ def cmd_status(cfg: Config, services: list[Service]) -> int:
     all_up = True
     for svc in services:
         pid = svc.running_pid()
+        note = ""
         if pid is not None and svc.is_ready():
             state = "up"
         elif pid is not None:
             state, all_up = "starting", False
         elif svc.unreadable_pid_file():
-            state, all_up = "unknown (pid file holds no pid; its port is taken)", False
+            state, note, all_up = "unknown", "pid file holds no pid; its port is taken", False
         else:
-            taken = any(port_open(port) for port in svc.ports)
-            state, all_up = ("down (port taken by another process)" if taken else "down"), False
+            state, all_up = "down", False
+            if any(port_open(port) for port in svc.ports):
+                note = "port taken by another process"
         shown_pid = f"pid {pid}" if pid is not None else "-"
-        print(f"{svc.name:<9} {state:<9} {shown_pid:<11} {svc.address}")
+        line = f"{svc.name:<9} {state:<9} {shown_pid:<11} {svc.address}"
+        print(f"{line}  ({note})" if note else line)
     return 0 if all_up else 1
 
 
