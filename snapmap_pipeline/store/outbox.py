@@ -16,12 +16,15 @@ from pymongo.database import Database
 
 from snapmap_pipeline.resources.blob import BlobStorageResource, encode_manifest
 from snapmap_pipeline.resources.kafka import KafkaResource
-from snapmap_pipeline.store.lease import clustering_lease
+from snapmap_pipeline.store.lease import LeaseTimeout, clustering_lease, held_lease
 
 log = logging.getLogger(__name__)
 BATCH = 1000
 # Concurrent manifest uploads: the real service serves them in parallel (Azurite does not).
 MANIFEST_WORKERS = 8
+# One manifest pass at a time: two passes overlapping could finish in the wrong order and leave
+# an older version of an album in storage than the one marked written.
+MANIFESTS_LEASE_ID = "manifests"
 
 
 @dataclass
@@ -35,6 +38,8 @@ class OutboxReport:
     manifests_waiting_for_links: int = 0
     #: Why this pass stopped writing manifests, when Blob Storage failed; None otherwise.
     storage_error: str | None = None
+    #: The pass wrote nothing because another pass held the manifests lease for the whole wait.
+    busy: bool = False
 
 
 def update_message(event: dict) -> dict:
@@ -89,10 +94,10 @@ def publish_pending(db: Database, kafka: KafkaResource, topic: str) -> int:
 
 
 def write_pending_manifests(
-    db: Database, blob: BlobStorageResource, limit: int = 5000
+    db: Database, blob: BlobStorageResource, limit: int = 5000, wait_s: float = 120.0
 ) -> OutboxReport:
-    """Write the JSON album of every event whose manifest is pending. A storage failure leaves
-    the rest pending (reported, not raised).
+    """Write the JSON album of up to ``limit`` events whose manifest is pending and whose
+    membership is settled. A storage failure leaves the rest pending (reported, not raised).
 
     Each written manifest's SHA-256 is kept on its event (``manifestSha256``) when
     ``manifestPending`` is cleared, so a manifest whose content has not changed since is not
@@ -100,23 +105,38 @@ def write_pending_manifests(
     per written manifest. If the upload succeeds but the digest is not recorded (a crash, a
     MongoDB outage), the event stays pending and the next pass uploads the same content again.
 
+    Passes run one at a time under the manifests lease, read to upload to mark, so a pass that
+    read an event's older version never uploads it after a later pass wrote the newer one. A
+    pass that waits ``wait_s`` for the lease in vain writes nothing and reports ``busy``: the
+    manifests stay pending for the holder's next pass, the next run or the sweep. Known limit:
+    a holder paused past its lease's expiry (no heartbeat for 30 s) can still finish an upload
+    after the next holder's; Blob Storage writes carry no fencing token.
+
     The albums' photos are read with one query per thousand events, the blobs are written by
     ``MANIFEST_WORKERS`` threads (the real service serves them in parallel), and the written
     versions are marked in bulk."""
     report = OutboxReport()
+    try:
+        with held_lease(db, MANIFESTS_LEASE_ID, wait_s=wait_s):
+            _write_pass(db, blob, limit, report)
+    except LeaseTimeout as busy:
+        log.info("manifests left pending: %s", busy)
+        report.busy = True
+    report.manifests_pending = db.events.count_documents({"manifestPending": True})
+    return report
+
+
+def _write_pass(db: Database, blob: BlobStorageResource, limit: int, report: OutboxReport) -> None:
     # Events, queued link decisions and albums are read under the clustering lease: a
     # recluster writes its events and queues their links under it, and the link step applies
     # them under it, so this pass never sees an event without the decisions that make its
     # album. An event with decisions still queued is left to the run that queued them (its
     # own event_updates step comes after its link step), or to the next pass.
     with clustering_lease(db):
-        events = list(db.events.find({"manifestPending": True}).sort("_id", 1).limit(limit))
-        if not events:
-            return report
         moving = events_with_queued_links(db)
-        ready = [e for e in events if e["_id"] not in moving]
+        ready, waiting = settled_pending_events(db, moving, limit)
         albums = album_photos(db, [e["_id"] for e in ready if not e.get("mergedInto")])
-    report.manifests_waiting_for_links = len(events) - len(ready)
+    report.manifests_waiting_for_links = waiting
     encoded = {
         event["_id"]: encode_manifest(manifest_of(event, albums.get(event["_id"], [])))
         for event in ready
@@ -134,8 +154,29 @@ def write_pending_manifests(
         _mark_written(db, unchanged + written, encoded)
     report.manifests_written = len(written)
     report.manifests_unchanged = len(unchanged)
-    report.manifests_pending = db.events.count_documents({"manifestPending": True})
-    return report
+
+
+def settled_pending_events(db: Database, moving: set[str], limit: int) -> tuple[list[dict], int]:
+    """Up to ``limit`` events with a pending manifest that are not in ``moving``, in ``_id``
+    order, and how many of the pending events read on the way were in ``moving``. Read page by
+    page, so any number of waiting events never hides the settled ones behind them."""
+    ready: list[dict] = []
+    waiting = 0
+    after: str | None = None
+    while len(ready) < limit:
+        query: dict = {"manifestPending": True}
+        if after is not None:
+            query["_id"] = {"$gt": after}
+        page = list(db.events.find(query).sort("_id", 1).limit(BATCH))
+        for event in page:
+            if event["_id"] in moving:
+                waiting += 1
+            elif len(ready) < limit:
+                ready.append(event)
+        if len(page) < BATCH:
+            break
+        after = page[-1]["_id"]
+    return ready, waiting
 
 
 def events_with_queued_links(db: Database) -> set[str]:

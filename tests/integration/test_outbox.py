@@ -5,6 +5,7 @@ has. Requests are counted by the storage SDK's request hook, on the wire to Azur
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -16,7 +17,8 @@ from pydantic import PrivateAttr
 from snapmap_pipeline.clustering import ClusterParams, PhotoPoint, canonical_pass, diff
 from snapmap_pipeline.resources.blob import BlobStorageResource
 from snapmap_pipeline.store.events import load_stored_events, write_events
-from snapmap_pipeline.store.outbox import write_pending_manifests
+from snapmap_pipeline.store.lease import held_lease
+from snapmap_pipeline.store.outbox import MANIFESTS_LEASE_ID, write_pending_manifests
 
 pytestmark = pytest.mark.storage
 
@@ -170,3 +172,81 @@ def test_an_upload_whose_digest_was_not_recorded_is_written_again(mongo, counted
     document = db.events.find_one({"_id": event_id})
     assert document["manifestPending"] is False
     assert "manifestSha256" in document
+
+
+class GatedBlob(BlobStorageResource):
+    """The Blob resource whose uploads wait at a gate until the test opens it."""
+
+    _entered: threading.Event = PrivateAttr(default_factory=threading.Event)
+    _gate: threading.Event = PrivateAttr(default_factory=threading.Event)
+
+    def upload_manifest(self, client, event_id, body, digest) -> None:
+        self._entered.set()
+        assert self._gate.wait(60), "the test never opened the gate"
+        super().upload_manifest(client, event_id, body, digest)
+
+
+def test_a_pass_that_read_an_older_version_never_overwrites_a_later_pass(mongo, counted):
+    """Pass A reads version 1 of an event and stalls in its upload; the event gets a second
+    photo (version 2) and pass B starts. Without one pass at a time, B uploaded version 2 and
+    A then overwrote it with version 1, while the event was marked written."""
+    db = mongo.db()
+    (event_id,) = set(store(db, [photo("a-0", 0, -3.7038, 40.4168)]).values())
+    slow = GatedBlob(
+        connection_string=counted.connection_string,
+        manifest_container=counted.manifest_container,
+    )
+    reports: dict[str, object] = {}
+    first = threading.Thread(target=lambda: reports.update(a=write_pending_manifests(db, slow)))
+    first.start()
+    try:
+        assert slow._entered.wait(60)
+        assert set(
+            store(
+                db, [photo("a-0", 0, -3.7038, 40.4168), photo("a-1", 1, -3.7038, 40.4168)]
+            ).values()
+        ) == {event_id}
+        assert db.events.find_one({"_id": event_id})["version"] == 2
+        second = threading.Thread(
+            target=lambda: reports.update(b=write_pending_manifests(db, counted))
+        )
+        second.start()
+        second.join(5)  # without the lease, B is done by now
+    finally:
+        slow._gate.set()
+        first.join(60)
+    second.join(60)
+
+    assert reports["a"].manifests_written == 1 and reports["b"].manifests_written == 1
+    _etag, manifest = blob_state(counted, event_id)
+    assert manifest["version"] == 2
+    assert [p["photoId"] for p in manifest["photos"]] == ["a-0", "a-1"]
+    assert db.events.find_one({"_id": event_id})["manifestPending"] is False
+
+
+def test_events_waiting_for_links_never_hide_the_settled_ones_behind_them(mongo, counted):
+    """A pass reads at most ``limit`` events. When the first ``limit`` pending events (in id
+    order) all had link decisions queued, the pass wrote nothing, however many others were
+    settled."""
+    db = mongo.db()
+    places = [photo(f"p-{i}", 0, -3.7 + i, 40.4) for i in range(6)]
+    events = sorted(set(store(db, places).values()))
+    assert len(events) == 6
+    for event_id in events[:4]:
+        db.pending_links.insert_one({"_id": f"queued-for-{event_id}", "eventId": event_id})
+
+    report = write_pending_manifests(db, counted, limit=2)
+
+    assert report.manifests_written == 2
+    assert report.manifests_waiting_for_links == 4
+    assert sorted(name for _method, name in counted.requests) == [f"{e}.json" for e in events[4:]]
+    assert report.manifests_pending == 4
+
+
+def test_a_pass_that_cannot_get_the_lease_writes_nothing_and_says_so(mongo, counted):
+    db = mongo.db()
+    store(db, [photo("a-0", 0, -3.7038, 40.4168)])
+    with held_lease(db, MANIFESTS_LEASE_ID):
+        report = write_pending_manifests(db, counted, wait_s=0.5)
+    assert report.busy and report.manifests_written == 0 and report.manifests_pending == 1
+    assert counted.requests == []
