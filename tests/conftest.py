@@ -8,6 +8,7 @@ when it is down; it is never skipped.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import subprocess
@@ -17,8 +18,10 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 
 ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
 
 
 @cache
@@ -53,3 +56,21 @@ def stack_setting(name: str) -> str:
 def unique() -> str:
     """A short unique suffix for names of databases, topics and containers."""
     return uuid.uuid4().hex[:10]
+
+
+def drop_topics(kafka, topics: list[str]) -> None:
+    """Delete a test's topics; left behind, every partition makes each later broker stop and
+    start slower. A topic already gone is fine; any other failure is logged, never raised, so
+    cleanup does not hide the test's own result. The admin client stays referenced until its
+    futures resolve (a client collected early fails them with "Handle is terminating")."""
+    admin = kafka.admin()
+    try:
+        futures = admin.delete_topics(list(topics), operation_timeout=10)
+        for name, future in futures.items():
+            try:
+                future.result(timeout=15)
+            except KafkaException as error:
+                if error.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    log.warning("could not delete test topic %s: %s", name, error)
+    except Exception as error:  # noqa: BLE001 - a stopped broker must not hide the result
+        log.warning("could not delete test topics %s: %s", topics, error)

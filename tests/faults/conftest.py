@@ -13,7 +13,6 @@ double counts.
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import time
 from collections import Counter
@@ -38,27 +37,6 @@ from tests.integration.test_ingestion import changed, committed  # noqa: F401 - 
 
 STACK = ROOT / "scripts" / "stack"
 SOURCE_HEADERS = ("topic", "partition", "offset")
-log = logging.getLogger(__name__)
-
-
-@pytest.fixture(autouse=True)
-def _drop_test_topics(request):
-    """Delete the test's own topics afterwards: every partition left behind makes each later
-    broker stop and start slower (the integration fixtures leave theirs; reported)."""
-    if "kafka" not in request.fixturenames:
-        yield
-        return
-    kafka = request.getfixturevalue("kafka")
-    settings = request.getfixturevalue("settings")
-    yield
-    topics = [settings.uploads_topic, settings.dead_letter_topic, settings.event_updates_topic]
-    try:
-        admin = kafka.admin()  # kept referenced until the futures resolve
-        futures = admin.delete_topics(topics, operation_timeout=10)
-        for future in futures.values():
-            future.result(timeout=15)
-    except Exception as error:  # noqa: BLE001 - cleanup must not hide the test's own result
-        log.warning("could not delete test topics %s: %s", topics, error)
 
 
 def stack(*args: str, timeout: float = 300.0) -> str:

@@ -11,7 +11,7 @@ from snapmap_pipeline.resources.blob import BlobStorageResource
 from snapmap_pipeline.resources.kafka import KafkaResource
 from snapmap_pipeline.resources.mongo import MongoResource
 from snapmap_pipeline.settings import PipelineSettings
-from tests.conftest import stack_setting
+from tests.conftest import drop_topics, stack_setting
 
 
 @pytest.fixture
@@ -38,12 +38,7 @@ def kafka(unique: str, settings: PipelineSettings) -> Iterator[KafkaResource]:
     }
     resource.ensure_topics(topics)
     yield resource
-    # Left behind, every test's partitions would slow each later restart of the shared broker.
-    for future in resource.admin().delete_topics(list(topics), operation_timeout=10).values():
-        try:
-            future.result(timeout=15)
-        except Exception:  # noqa: BLE001 - a topic a test already deleted, or a stopped broker
-            pass
+    drop_topics(resource, list(topics))
 
 
 @pytest.fixture

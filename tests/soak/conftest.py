@@ -17,7 +17,7 @@ from snapmap_pipeline.resources.blob import BlobStorageResource
 from snapmap_pipeline.resources.kafka import KafkaResource
 from snapmap_pipeline.resources.mongo import MongoResource
 from snapmap_pipeline.settings import PipelineSettings
-from tests.conftest import stack_setting
+from tests.conftest import drop_topics, stack_setting
 from tests.integration.conftest import *  # noqa: F403
 
 
@@ -60,11 +60,7 @@ def second_resources() -> Iterator[dict]:
     topics = topics_of(resources["settings"])
     kafka.ensure_topics(topics)
     yield resources
-    for future in kafka.admin().delete_topics(list(topics), operation_timeout=10).values():
-        try:
-            future.result(timeout=15)
-        except Exception:  # noqa: BLE001 - a stopped broker must not hide the test's result
-            pass
+    drop_topics(kafka, list(topics))
     client = MongoClient(mongo.uri, serverSelectionTimeoutMS=5000)
     client.drop_database(mongo.database)
     client.close()
