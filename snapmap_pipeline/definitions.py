@@ -23,6 +23,7 @@ from snapmap_pipeline.assets.events import (
 )
 from snapmap_pipeline.assets.ingest import photo_uploads
 from snapmap_pipeline.checks import SWEEPER_CHECKS, sweeper_job, sweeper_schedule
+from snapmap_pipeline.checks.batch_links import batch_photos_linked
 from snapmap_pipeline.io_manager import RunScopedIOManager
 from snapmap_pipeline.jobs import INGEST_JOB_NAME
 from snapmap_pipeline.resources.blob import BlobStorageResource
@@ -35,7 +36,9 @@ STREAMING_ASSETS = [photo_uploads, events, photo_event_links, event_updates, con
 
 ingest_job = define_asset_job(
     INGEST_JOB_NAME,
-    selection=AssetSelection.assets(*STREAMING_ASSETS).without_checks(),
+    # The batch's own blocking check, not the sweeper's (those scan whole collections).
+    selection=AssetSelection.assets(*STREAMING_ASSETS).without_checks()
+    | AssetSelection.checks(batch_photos_linked),
     description="One micro-batch of photo-uploads, from its offset range to committed offsets.",
     # dagster/max_runtime: run monitoring (dagster.yaml) fails a run still going after 30 min,
     # far beyond a 5,000-message batch, so a run whose worker died never holds its partition.
@@ -86,7 +89,7 @@ def build_definitions(resources: dict) -> Definitions:
     resources = {"io_manager": RunScopedIOManager(), **resources}
     return Definitions(
         assets=[*STREAMING_ASSETS, daily_events],
-        asset_checks=SWEEPER_CHECKS,
+        asset_checks=[*SWEEPER_CHECKS, batch_photos_linked],
         jobs=[ingest_job, recluster_days_job, sweeper_job],
         schedules=[sweeper_schedule],
         sensors=[photo_uploads_sensor],
