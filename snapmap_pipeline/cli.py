@@ -500,13 +500,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from snapmap_pipeline.resources.kafka import KafkaUnavailable
+    from snapmap_pipeline.resources.kafka import KafkaUnavailable, TopicMissing
 
     try:
         return args.handler(args)
     except ConfigProblem as problem:
         print(f"snapmap: configuration error: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    except TopicMissing as error:
+        # The broker answered: naming an outage here would send the reader the wrong way.
+        print(f"snapmap: {error}", file=sys.stderr)
+        return EXIT_FAILED
     except KafkaUnavailable as error:
         print(f"snapmap: Kafka unavailable: {error}", file=sys.stderr)
         return EXIT_FAILED

@@ -5,11 +5,11 @@ from dagster import AssetExecutionContext, MaterializeResult, Output, asset
 from snapmap_pipeline.assets.ingest import OWNERS, IngestedBatch
 from snapmap_pipeline.assets.plots import event_map
 from snapmap_pipeline.resources.blob import BlobStorageResource
-from snapmap_pipeline.resources.kafka import KafkaResource, OffsetRange
+from snapmap_pipeline.resources.kafka import KafkaResource
 from snapmap_pipeline.resources.mongo import MongoResource
 from snapmap_pipeline.settings import PipelineSettings
 from snapmap_pipeline.store.batches import commit_contiguous, record_batch
-from snapmap_pipeline.store.dead_letters import DeadLetter, send_dead_letters
+from snapmap_pipeline.store.dead_letters import send_dead_letters, with_original_bytes
 from snapmap_pipeline.store.events import apply_pending_links
 from snapmap_pipeline.store.outbox import publish_pending, write_pending_manifests
 from snapmap_pipeline.store.poison import recluster_isolating_poison
@@ -30,24 +30,6 @@ def report_metadata(report: ReclusterReport, settings: PipelineSettings) -> dict
         "lease_token": report.lease_token,
         **{f"seconds_{step}": round(s, 3) for step, s in report.seconds.items()},
     }
-
-
-def with_original_bytes(kafka: KafkaResource, letters: list[DeadLetter]) -> list[DeadLetter]:
-    """Dead letters raised after ingest carry no payload; fetch it from its source offset,
-    unless the topic was deleted and created again since (that offset is another message)."""
-    completed = []
-    for letter in letters:
-        if letter.value is None and letter.offset >= 0:
-            if letter.topic_id is None or letter.topic_id == kafka.topic_id(letter.topic):
-                messages, _ = kafka.read_range(
-                    OffsetRange(letter.topic, letter.partition, letter.offset, letter.offset)
-                )
-                if messages:
-                    letter = DeadLetter.from_message(
-                        messages[0], letter.code, letter.reason, letter.topic_id
-                    )
-        completed.append(letter)
-    return completed
 
 
 @asset(

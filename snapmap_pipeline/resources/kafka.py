@@ -29,14 +29,18 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, NewTopic
-from dagster import ConfigurableResource
-from pydantic import Field
+from dagster import ConfigurableResource, DagsterInstance, InitResourceContext
+from pydantic import Field, PrivateAttr
 
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
 # librdkafka's value for "no offset committed for this group and partition".
 _OFFSET_INVALID = -1001
+
+# Dagster's run tag that caps a run's automatic retries (run_retries in dagster.yaml); 0 means
+# the run is never retried, whatever the instance's max_retries.
+MAX_RETRIES_TAG = "dagster/max_retries"
 
 # The group coordinator is moving or loading (a broker restart, a leader change of the offsets
 # topic): it answers again within seconds, so these get ``coordinator_retry_s``, not
@@ -119,6 +123,21 @@ class TopicRecreated(RuntimeError):
     created: its offsets now name other messages, and the range's own messages are gone."""
 
 
+class TopicMissing(KafkaUnavailable):
+    """The broker answered that the topic does not exist (deleted, never created)."""
+
+
+@dataclass(frozen=True)
+class RunOfRange:
+    """The ingest run a resource serves: where to tag it, and the topic id it was planned on
+    (its ``snapmap/topic`` and ``snapmap/topic_id`` tags)."""
+
+    instance: DagsterInstance
+    run_id: str
+    topic: str
+    planned_topic_id: str
+
+
 @dataclass(frozen=True)
 class OffsetRange:
     """Offsets ``first`` to ``last`` inclusive of one topic partition: one micro-batch.
@@ -173,6 +192,25 @@ class KafkaResource(ConfigurableResource):
             "coordinator moves or loads (5-15 s after a broker restart), with backoff."
         ),
     )
+
+    # One admin client per resource instance (a run, a sensor tick, a CLI command), and the
+    # topic ids it last saw.
+    _admin_client: AdminClient | None = PrivateAttr(default=None)
+    _admin_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _topic_ids: dict[str, str] = PrivateAttr(default_factory=dict)
+    _run: RunOfRange | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        """Remember the ingest run this instance serves (if any), so that a run planned on a
+        topic since deleted can tell Dagster not to retry it (see ``topic_id``)."""
+        self._admin_client = None
+        self._topic_ids = {}
+        run = context.dagster_run
+        tags = run.tags if run is not None else {}
+        topic, planned = tags.get("snapmap/topic"), tags.get("snapmap/topic_id")
+        self._run = None
+        if run is not None and context.instance is not None and topic and planned:
+            self._run = RunOfRange(context.instance, run.run_id, topic, planned)
 
     def _base_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -258,24 +296,38 @@ class KafkaResource(ConfigurableResource):
             )
 
     def admin(self) -> AdminClient:
-        return AdminClient(self._base_config())
+        """This instance's admin client, created on first use and kept for its lifetime."""
+        with self._admin_lock:
+            if self._admin_client is None:
+                self._admin_client = AdminClient(self._base_config())
+            return self._admin_client
 
     def partitions(self, consumer: Consumer, topic: str) -> list[int]:
-        """Partition ids of ``topic``; raises ``KafkaUnavailable`` when the broker is silent."""
+        """Partition ids of ``topic``; raises ``KafkaUnavailable`` when the broker is silent,
+        ``TopicMissing`` when it says the topic does not exist."""
         try:
             metadata = consumer.list_topics(topic, timeout=self.timeout_s)
         except KafkaException as error:
             raise KafkaUnavailable(f"metadata for {topic}: {error}") from error
         topic_metadata = metadata.topics.get(topic)
-        if topic_metadata is None or topic_metadata.error is not None:
-            reason = topic_metadata.error if topic_metadata else "missing"
-            raise KafkaUnavailable(f"topic {topic} is not available: {reason}")
+        error = topic_metadata.error if topic_metadata is not None else None
+        if topic_metadata is None or (
+            error is not None and error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+        ):
+            raise TopicMissing(f"topic {topic} does not exist on {self.bootstrap_servers}")
+        if error is not None:
+            raise KafkaUnavailable(f"topic {topic} is not available: {error}")
         return sorted(topic_metadata.partitions)
 
     def topic_id(self, topic: str) -> str:
         """The broker's id of ``topic``, as ``kafka-topics.sh --describe`` prints it (URL-safe
-        base64 of its UUID). A topic deleted and created again under the same name gets a new
-        id; the id is how the sensor and the offset commit tell the two apart."""
+        base64 of its UUID), asked now (one describe round trip). A topic deleted and created
+        again under the same name gets a new id; the id is how the sensor and the offset
+        commit tell the two apart. Raises ``TopicMissing`` when the topic does not exist.
+
+        In an ingest run planned on another id of this topic, the run is also tagged so that
+        Dagster's run retries leave it alone: the range's messages are gone, and each retry
+        would only fail again while its partition waits."""
         admin = self.admin()
         try:
             future = admin.describe_topics(
@@ -283,11 +335,41 @@ class KafkaResource(ConfigurableResource):
             )[topic]
             description = future.result(timeout=self.timeout_s * 2)
         except KafkaException as error:
+            code = error.args[0].code() if error.args else None
+            if code == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise TopicMissing(
+                    f"topic {topic} does not exist on {self.bootstrap_servers}"
+                ) from error
             raise KafkaUnavailable(f"description of {topic}: {error}") from error
         except TimeoutError as error:
             raise KafkaUnavailable(f"description of {topic}: no answer") from error
         # librdkafka prints the standard alphabet; Kafka's tools print the URL-safe one.
-        return str(description.topic_id).replace("+", "-").replace("/", "_")
+        current = str(description.topic_id).replace("+", "-").replace("/", "_")
+        self._topic_ids[topic] = current
+        run = self._run
+        if run is not None and run.topic == topic and run.planned_topic_id != current:
+            self._stop_retries(run, current)
+        return current
+
+    def known_topic_id(self, topic: str) -> str:
+        """The id this instance last saw for ``topic`` (asked once if never): for a step
+        whose result a fresh ``topic_id`` check guards later, as the offset commit does."""
+        known = self._topic_ids.get(topic)
+        return known if known is not None else self.topic_id(topic)
+
+    @staticmethod
+    def _stop_retries(run: RunOfRange, current: str) -> None:
+        _log.error(
+            "%s was deleted and created again (its id is now %s, this run was planned on %s): "
+            "the run can never apply its range and is not to be retried",
+            run.topic,
+            current,
+            run.planned_topic_id,
+        )
+        run.instance.add_run_tags(
+            run.run_id,
+            {MAX_RETRIES_TAG: "0", "snapmap/topic_recreated": current},
+        )
 
     def watermarks(self, consumer: Consumer, topic: str, partition: int) -> Watermarks:
         try:

@@ -22,6 +22,7 @@ that lost data) is restarted the same way, with a warning.
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dagster import (
@@ -113,7 +114,7 @@ def plan_tick(
     kafka: KafkaResource,
     settings: PipelineSettings,
     cursor: SensorCursor,
-    busy: frozenset[int] = frozenset(),
+    busy: Callable[[str], frozenset[int]] = lambda _topic_id: frozenset(),
 ) -> TickPlan:
     """Decide the runs of one tick from the broker's watermarks and the cursor.
 
@@ -121,8 +122,9 @@ def plan_tick(
     at its time budget (always after at least one partition, so a slow broker cannot stall
     the sensor) or at ``max_runs_per_tick``; the next tick then starts at the partition after
     the last one planned: with N partitions, each is planned at least once every N ticks.
-    ``busy`` partitions already have ``max_pending_runs_per_partition`` unfinished runs: they
-    are left as they are, so their backlog goes into fewer, larger runs once those finish.
+    ``busy(topic_id)`` names the partitions that already have ``max_pending_runs_per_partition``
+    unfinished runs of the topic with that id: they are left as they are, so their backlog goes
+    into fewer, larger runs once those finish.
 
     When the topic's id is not the cursor's (the topic was recreated), the cursor's offsets
     and resume partition are dropped and every partition starts as one without a cursor
@@ -137,6 +139,7 @@ def plan_tick(
     with kafka.consumer() as consumer:
         partitions = kafka.partitions(consumer, topic)
         topic_id = kafka.topic_id(topic)
+        waiting = busy(topic_id)
         replaced = cursor.topic_id if cursor.topic_id not in (None, topic_id) else None
         offsets = {} if replaced else dict(cursor.offsets)
         unknown = [p for p in partitions if p not in offsets]
@@ -146,7 +149,7 @@ def plan_tick(
         position = 0
         cut_short = False
         for position, partition in enumerate(order):
-            if partition in busy:
+            if partition in waiting:
                 continue
             out_of_time = planned > 0 and time.monotonic() > deadline
             if out_of_time or len(ranges) >= settings.max_runs_per_tick:
@@ -204,8 +207,15 @@ HEAL_SCAN_LIMIT = 500
 HEAL_BACKOFF_CAP_S = 3600.0
 
 
-def busy_partitions(instance: DagsterInstance, settings: PipelineSettings) -> frozenset[int]:
-    """Partitions with ``max_pending_runs_per_partition`` or more unfinished ingest runs."""
+def busy_partitions(
+    instance: DagsterInstance, settings: PipelineSettings, topic_id: str
+) -> frozenset[int]:
+    """Partitions with ``max_pending_runs_per_partition`` or more unfinished ingest runs.
+
+    Runs planned on another ``topic_id`` (a topic since deleted and created again) do not
+    count: they fail at their first topic-id check without retries, and the new topic's
+    ranges must not wait for them. Runs without a topic id (planned before ids were recorded)
+    count as the current topic's."""
     runs = instance.get_runs(
         RunsFilter(
             job_name=INGEST_JOB_NAME,
@@ -213,7 +223,11 @@ def busy_partitions(instance: DagsterInstance, settings: PipelineSettings) -> fr
             tags={"snapmap/topic": settings.uploads_topic},
         )
     )
-    pending = Counter(run.tags.get("snapmap/partition") for run in runs)
+    pending = Counter(
+        run.tags.get("snapmap/partition")
+        for run in runs
+        if run.tags.get("snapmap/topic_id") in (None, topic_id)
+    )
     return frozenset(
         int(p)
         for p, n in pending.items()
@@ -321,8 +335,13 @@ def photo_uploads_sensor(
     context: SensorEvaluationContext, kafka: KafkaResource, settings: PipelineSettings
 ) -> SensorResult | SkipReason:
     instance = instance_of(context)
-    busy = busy_partitions(instance, settings) if instance else frozenset()
-    plan = plan_tick(kafka, settings, SensorCursor.parse(context.cursor), busy)
+    cursor = SensorCursor.parse(context.cursor)
+    if instance is None:
+        plan = plan_tick(kafka, settings, cursor)
+    else:
+        plan = plan_tick(
+            kafka, settings, cursor, lambda topic_id: busy_partitions(instance, settings, topic_id)
+        )
     heal = []
     if instance is not None:
         with kafka.consumer() as consumer:

@@ -155,6 +155,7 @@ def _publish(
         published = backend.publish(records, schedule, total=len(records))
     report |= {
         "topic": settings.topic,
+        "topicId": backend.topic_id,
         "database": settings.database,
         "container": settings.container,
         "backend": published.as_dict(),
@@ -249,7 +250,13 @@ def collect_summary(db: Database, stats: dict, expected: dict | None = None) -> 
 
 
 def _run_summary(db: Database, expected: dict) -> dict:
-    """One run's photos (by id prefix) and dead letters (by the offsets it produced)."""
+    """One run's photos (by id prefix) and dead letters (by the offsets it produced, of the
+    topic id the report names).
+
+    Records of another topic id at the same offsets are of a topic since deleted and created
+    again under the same name, and so are records without an id: the pipeline has recorded
+    every letter's topic id since before reports named it. A report without ``topicId``
+    (written before it did) counts every record at its offsets, whatever topic it was of."""
     scope: dict = {}
     prefix = expected.get("photoIdPrefix") or ""
     if prefix:
@@ -266,6 +273,8 @@ def _run_summary(db: Database, expected: dict) -> dict:
             "partition": int(partition),
             "offset": {"$gte": first, "$lte": last},
         }
+        if expected.get("topicId"):
+            query["topicId"] = expected["topicId"]
         letters.update(d.get("code", "?") for d in db.dead_letters.find(query, {"code": 1}))
     stream = expected.get("stream", {})
     kinds = stream.get("kinds", {})

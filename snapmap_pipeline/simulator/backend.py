@@ -26,7 +26,8 @@ from functools import cache
 
 from azure.core.exceptions import AzureError, ResourceExistsError
 from azure.storage.blob import BlobServiceClient, ContainerClient, ContentSettings
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicCollection
+from confluent_kafka.admin import AdminClient
 from PIL import Image, ImageDraw
 from pymongo import MongoClient, UpdateOne
 from pymongo.errors import PyMongoError
@@ -165,6 +166,9 @@ class UploadBackend:
         self._pool: ThreadPoolExecutor | None = None
         self._failures: list[str] = []
         self._report = PublishReport()
+        # The broker's id of the topic when the clients opened: the report names it, so that a
+        # summary counts this run's dead letters, not those of a deleted topic of the same name.
+        self.topic_id: str | None = None
 
     def __enter__(self) -> UploadBackend:
         try:
@@ -273,7 +277,29 @@ class UploadBackend:
                 f"topic {topic} is not available on {self.settings.bootstrap_servers} "
                 f"({found.error if found else 'missing'}); the broker does not create topics"
             )
-        log.info("publishing to %s (%d partitions)", topic, len(found.partitions))
+        self.topic_id = self._describe_topic_id()
+        log.info(
+            "publishing to %s (id %s, %d partitions)", topic, self.topic_id, len(found.partitions)
+        )
+
+    def _describe_topic_id(self) -> str:
+        """The topic's id as Kafka's tools print it (URL-safe base64), as the pipeline records
+        it in its dead letters."""
+        topic, timeout_s = self.settings.topic, self.settings.timeout_s
+        admin = AdminClient(
+            {
+                "bootstrap.servers": self.settings.bootstrap_servers,
+                "socket.timeout.ms": int(timeout_s * 1000),
+                "logger": logging.getLogger("snapmap_pipeline.simulator.librdkafka"),
+                **dict(self.settings.kafka_security),
+            }
+        )
+        try:
+            future = admin.describe_topics(TopicCollection([topic]), request_timeout=timeout_s)
+            description = future[topic].result(timeout=timeout_s * 2)
+        except (KafkaException, TimeoutError) as error:
+            raise BackendError(f"description of {topic}: {error}") from error
+        return str(description.topic_id).replace("+", "-").replace("/", "_")
 
     def _store(self, records: list[UploadRecord]) -> None:
         """Blobs first, then the photo documents: a message never names a missing photo."""

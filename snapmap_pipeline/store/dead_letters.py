@@ -3,18 +3,28 @@ original bytes and headers that say why and where it came from, and is recorded 
 ``dead_letters`` collection (keyed by source topic/partition/offset, with the topic's id) so that
 a retried run does not send it again and the offset accounting can find it. A record of another
 topic id is of a topic since deleted and created again under the same name: the new topic's
-letter at that offset is sent and replaces the record."""
+letter at that offset is sent and replaces the record.
+
+A letter raised after ingest (a poison photo) carries no bytes: they are read back from its
+source offset (``with_original_bytes``). When that offset no longer holds the photo's message
+(its topic deleted, or deleted and created again; retention) the letter is sent without bytes
+and its reason says why, so that the photo is dead-lettered once instead of failing every
+retry."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import logging
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from confluent_kafka import Message
 from pymongo import UpdateOne
 from pymongo.database import Database
 
-from snapmap_pipeline.resources.kafka import KafkaResource
+from snapmap_pipeline.resources.kafka import KafkaResource, OffsetRange, TopicMissing
+
+log = logging.getLogger(__name__)
 
 MAX_REASON_CHARS = 500
 
@@ -73,6 +83,74 @@ class DeadLetter:
         a deleted topic of the same name; records and letters without an id match any."""
         recorded = record.get("topicId")
         return recorded is None or self.topic_id is None or recorded == self.topic_id
+
+
+def with_original_bytes(kafka: KafkaResource, letters: list[DeadLetter]) -> list[DeadLetter]:
+    """``letters``, those without bytes completed with the bytes at their source offset; a
+    letter whose source offset no longer holds its message gets a reason that says so and
+    stays without bytes. Raises ``KafkaUnavailable`` only for an outage (to be retried)."""
+    topic_ids: dict[str, str | None] = {}
+    completed = []
+    for letter in letters:
+        if letter.value is None and letter.offset >= 0:
+            letter = _completed(kafka, letter, topic_ids)
+        completed.append(letter)
+    return completed
+
+
+def _completed(kafka: KafkaResource, letter: DeadLetter, topic_ids: dict) -> DeadLetter:
+    where = f"{letter.topic}/{letter.partition}/{letter.offset}"
+    if letter.topic not in topic_ids:
+        try:
+            topic_ids[letter.topic] = kafka.topic_id(letter.topic)
+        except TopicMissing:
+            topic_ids[letter.topic] = None
+    current = topic_ids[letter.topic]
+    if current is None:
+        return _without_bytes(letter, f"{letter.topic} no longer exists")
+    if letter.topic_id not in (None, current):
+        return _without_bytes(
+            letter, f"{letter.topic} was deleted and created again (id {current})"
+        )
+    with kafka.consumer() as consumer:
+        marks = kafka.watermarks(consumer, letter.topic, letter.partition)
+    if letter.offset >= marks.high:
+        # Not an outage: the partition never reached this offset since its topic was created
+        # again (a letter recorded before topic ids were), or the broker lost messages.
+        return _without_bytes(
+            letter,
+            f"{where} is beyond the partition's end offset {marks.high} (its topic was deleted "
+            "and created again, or the broker lost messages)",
+        )
+    messages, _ = kafka.read_range(
+        OffsetRange(letter.topic, letter.partition, letter.offset, letter.offset)
+    )
+    if not messages:
+        return _without_bytes(letter, f"{where} was deleted by retention")
+    message = messages[0]
+    if not _same_photo(letter, message.value()):
+        return _without_bytes(letter, f"{where} holds another photo's message")
+    return DeadLetter.from_message(message, letter.code, letter.reason, letter.topic_id)
+
+
+def _same_photo(letter: DeadLetter, value: bytes | None) -> bool:
+    """Whether ``value`` can be the message of the photo the letter is keyed by (the photo id):
+    a letter recorded before topic ids were cannot tell a recreated topic by its id, but the
+    message at its offset then names another photo."""
+    if letter.key is None or value is None:
+        return True
+    try:
+        photo_id = json.loads(value).get("photoId")
+    except (ValueError, AttributeError):
+        return True
+    return photo_id is None or photo_id == letter.key.decode(errors="replace")
+
+
+def _without_bytes(letter: DeadLetter, why: str) -> DeadLetter:
+    log.warning("dead letter of %s sent without its bytes: %s", letter.source_key, why)
+    # The statement first: a long reason is cut at MAX_REASON_CHARS.
+    reason = f"[original bytes unavailable: {why}] {letter.reason}"
+    return replace(letter, reason=reason[:MAX_REASON_CHARS])
 
 
 def send_dead_letters(

@@ -7,16 +7,23 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicCollection
 from dagster import SensorResult, build_sensor_context, instance_for_test
+from dagster._daemon.auto_run_reexecution.auto_run_reexecution import should_retry
 
-from snapmap_pipeline.cli import account_partition
+from snapmap_pipeline.cli import account_partition, collect_stats
+from snapmap_pipeline.jobs import INGEST_JOB_NAME
 from snapmap_pipeline.resources.kafka import KafkaResource
 from snapmap_pipeline.sensors.kafka_sensor import photo_uploads_sensor
+from snapmap_pipeline.simulator.__main__ import collect_summary
+from snapmap_pipeline.store.dead_letters import send_dead_letters, with_original_bytes
+from snapmap_pipeline.store.poison import recluster_isolating_poison
 from tests.integration.pipeline import Harness, publish, upload
-from tests.integration.test_ingestion import changed, committed
+from tests.integration.sweeper_data import cli_env, snapmap
+from tests.integration.test_ingestion import changed, committed, read_all
 
 pytestmark = [pytest.mark.kafka, pytest.mark.storage, pytest.mark.sensor]
 
@@ -191,3 +198,160 @@ def test_a_run_planned_on_the_deleted_topic_applies_nothing(small_runs, settings
             harness.execute(request)
         assert_new_topic_applied(db, kafka, topic, new_id)
         assert harness.tick() == []
+
+
+def test_a_deleted_topics_runs_neither_hold_the_partition_nor_retry(small_runs, settings, kafka):
+    """A run planned on the deleted topic can never succeed: it must not count as the
+    partition's unfinished run, and Dagster's run retries must leave it alone, while a
+    transient failure of the same job is still retried."""
+    topic = settings.uploads_topic
+    resources = {
+        **small_runs,
+        "settings": changed(small_runs["settings"], max_pending_runs_per_partition=1),
+    }
+    retries = {"run_retries": {"enabled": True, "max_retries": 3}}
+    with instance_for_test(overrides=retries) as instance:
+        harness = Harness(instance, resources)
+        publish(kafka, topic, uploads("old", 3, invalid_at=1), partition=0)
+        (stale,) = harness.tick()
+        job = harness.definitions.resolve_job_def(INGEST_JOB_NAME)
+        # Queued as the daemon would have queued it, before the topic was deleted.
+        instance.create_run_for_job(
+            job_def=job, run_config=stale.run_config, tags={**job.tags, **stale.tags}
+        )
+        new_id = recreate(kafka, topic, partitions=3)
+        publish(kafka, topic, uploads("new", NEW_MESSAGES, invalid_at=3), partition=0)
+
+        # Before: partition 0 counted the queued run of the deleted topic as busy and got
+        # nothing until that run and its three retries had failed.
+        requests = harness.tick()
+        assert [r.run_key for r in requests] == [
+            f"{topic}/0/0-3@{new_id}",
+            f"{topic}/0/4-4@{new_id}",
+        ]
+
+        failed = harness.execute(stale, raise_on_error=False)
+        assert not failed.success
+        run = instance.get_run_by_id(failed.run_id)
+        # Before: will_retry was "true", and the daemon would have run it three more times.
+        assert run.tags.get("dagster/will_retry") == "false", run.tags
+        assert run.tags["snapmap/topic_recreated"] == new_id
+        assert not should_retry(run, instance)
+
+        broken = {**resources, "settings": changed(settings, event_updates_topic="missing-topic")}
+        transient = Harness(instance, broken).execute(requests[0], raise_on_error=False)
+        assert not transient.success
+        run = instance.get_run_by_id(transient.run_id)
+        assert run.tags.get("dagster/will_retry") == "true", run.tags
+        assert "dagster/max_retries" not in run.tags
+        assert should_retry(run, instance)
+
+
+def test_a_poison_letter_whose_offset_the_new_topic_lacks_is_sent_without_bytes(
+    settings, kafka, mongo
+):
+    """A photo stored before topic ids were recorded, from offset 7 of a topic since deleted
+    and created again with two messages: its poison letter cannot have its bytes. It is sent
+    once, without them, saying why; before, every attempt raised KafkaUnavailable (an outage
+    to the retry policy) and the photo was never dead-lettered."""
+    topic = settings.uploads_topic
+    recreate(kafka, topic, partitions=3)
+    values = [upload(f"now-{i}", f"2026-03-02T10:0{i}:00Z", 2.35, 48.85) for i in range(2)]
+    publish(kafka, topic, values, partition=0)
+    db = mongo.db()
+    db.photos.insert_many(
+        [
+            {
+                "_id": photo_id,
+                "location": {"type": "Point", "coordinates": [2.35, 48.85]},
+                "takenAt": datetime(2026, 3, 2, 9, 0, tzinfo=UTC),
+                "eventId": None,
+                "source": {"topic": topic, "partition": 0, "offset": offset},
+            }
+            for photo_id, offset in (("legacy-7", 7), ("legacy-1", 1), ("now-0", 0))
+        ]
+    )
+
+    def step(ids):
+        raise ValueError(f"cannot cluster {ids}")
+
+    def dead_letter(letters):
+        return send_dead_letters(
+            db, kafka, settings.dead_letter_topic, with_original_bytes(kafka, letters)
+        )
+
+    report, poisoned = recluster_isolating_poison(
+        db, ["legacy-7", "legacy-1", "now-0"], step, dead_letter, max_attempts=1
+    )
+    assert sorted(poisoned) == ["legacy-1", "legacy-7", "now-0"]
+    letters = {}
+    for message in read_all(kafka, settings.dead_letter_topic):
+        headers = dict(message.headers())
+        offset = int(headers["snapmap.source.offset"])
+        letters[offset] = (message.value(), headers["snapmap.error.reason"].decode())
+    value, reason = letters[7]
+    assert value is None
+    assert reason.startswith(
+        f"[original bytes unavailable: {topic}/0/7 is beyond the partition's end offset 2"
+    ), reason
+    # Offset 1 exists, but holds another photo's message: not taken for legacy-1's bytes.
+    value, reason = letters[1]
+    assert value is None and "holds another photo's message" in reason, reason
+    value, reason = letters[0]
+    assert value == values[0] and "unavailable" not in reason, reason
+    flagged = db.photos.count_documents({"deadLettered": True})
+    assert flagged == 3
+
+
+def test_accounting_of_a_deleted_topic_says_it_does_not_exist(settings, kafka, mongo):
+    topic = settings.uploads_topic
+    kafka.admin().delete_topics([topic], operation_timeout=10)[topic].result(timeout=15)
+    deadline = time.monotonic() + 30
+    while topic_id_of(kafka, topic) is not None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    env = cli_env(mongo.database, SNAPMAP_CONSUMER_GROUP=kafka.consumer_group)
+    done = snapmap(["accounting", "--topic", topic], env)
+    assert done.returncode == 1, done.stdout + done.stderr
+    # Before: "snapmap: Kafka unavailable: topic ... is not available: ...UNKNOWN_TOPIC_OR_PART",
+    # which reads like a broker outage.
+    assert f"snapmap: topic {topic} does not exist on" in done.stderr, done.stderr
+    assert "unavailable" not in done.stderr
+
+
+def test_summary_counts_only_the_dead_letters_of_its_topic(settings, mongo):
+    """A simulator report names the topic id it published to: letters at the same offsets of a
+    deleted topic of the same name (with another id, or none) are not its run's."""
+    topic = settings.uploads_topic
+    db = mongo.db()
+    db.dead_letters.insert_many(
+        [
+            {
+                "_id": f"{topic}/0/3",
+                "topic": topic,
+                "partition": 0,
+                "offset": 3,
+                "code": "not_json",
+                "topicId": "current-id",
+            },
+            {
+                "_id": f"{topic}/0/4@old",
+                "topic": topic,
+                "partition": 0,
+                "offset": 4,
+                "code": "schema",
+                "topicId": "deleted-id",
+            },
+            {"_id": f"{topic}/0/5", "topic": topic, "partition": 0, "offset": 5, "code": "schema"},
+        ]
+    )
+    report = {
+        "topic": topic,
+        "topicId": "current-id",
+        "backend": {"offsets": {"0": [0, 9]}},
+        "stream": {"kinds": {"malformed": 1}},
+    }
+    run = collect_summary(db, collect_stats(db), report)["run"]
+    # Before: 3 letters, two of them of the deleted topic.
+    assert (run["found"]["deadLetters"], run["found"]["deadLettersByCode"]) == (1, {"not_json": 1})
+    older = collect_summary(db, collect_stats(db), {**report, "topicId": None})["run"]
+    assert older["found"]["deadLetters"] == 3  # a report without an id cannot tell them apart
