@@ -1,20 +1,27 @@
 """The first step of a micro-batch: read exactly its offset range, dead-letter what breaks the
 contract, upsert the valid photos."""
 
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-from confluent_kafka import Message
+from confluent_kafka import TIMESTAMP_CREATE_TIME, Message
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pymongo.database import Database
 
-from snapmap_pipeline.contract.validation import InvalidUpload, PhotoUpload, validate_upload
+from snapmap_pipeline.contract.validation import (
+    PUBLISH_TIME_IN_FUTURE,
+    InvalidUpload,
+    PhotoUpload,
+    check_publish_time,
+    validate_upload,
+)
 from snapmap_pipeline.resources.blob import BlobStorageResource
 from snapmap_pipeline.resources.kafka import KafkaResource, OffsetRange, TopicRecreated
 from snapmap_pipeline.resources.mongo import MongoResource
 from snapmap_pipeline.settings import PipelineSettings
 from snapmap_pipeline.store.dead_letters import DeadLetter, send_dead_letters
-from snapmap_pipeline.store.photos import upsert_uploads
+from snapmap_pipeline.store.photos import newest_per_photo, upsert_uploads
 
 OWNERS = ["team:data-engineering"]
 
@@ -54,13 +61,51 @@ def published_at(message: Message) -> datetime | None:
     return datetime.fromtimestamp(millis / 1000, UTC) if kind and millis > 0 else None
 
 
+def producer_set_time(message: Message) -> datetime | None:
+    """The message's timestamp when the producer set it (CreateTime); None for the broker's
+    own time (LogAppendTime), which the pipeline trusts, and for no timestamp."""
+    kind, _ = message.timestamp()
+    return published_at(message) if kind == TIMESTAMP_CREATE_TIME else None
+
+
+def held_back_before(db: Database, messages: list[Message], topic_id: str | None) -> set[int]:
+    """Offsets among ``messages`` that an earlier read dead-lettered for a Kafka timestamp in
+    the future. Such a timestamp stops being in the future as time passes; a replay of the
+    range must still dead-letter the message, or its offset would end both dead-lettered and
+    applied, and the replay would not reproduce the first outcome."""
+    letters = {
+        DeadLetter.from_message(message, PUBLISH_TIME_IN_FUTURE, "", topic_id).source_key: message
+        for message in messages
+    }
+    if not letters:
+        return set()
+    held: set[int] = set()
+    for record in db.dead_letters.find(
+        {"_id": {"$in": list(letters)}}, {"_id": 1, "code": 1, "topicId": 1}
+    ):
+        recorded_topic = record.get("topicId")
+        same_topic = recorded_topic is None or topic_id is None or recorded_topic == topic_id
+        if record.get("code") == PUBLISH_TIME_IN_FUTURE and same_topic:
+            held.add(letters[record["_id"]].offset())
+    return held
+
+
 def split_batch(
-    messages: list[Message], blob: BlobStorageResource, topic_id: str | None = None
-) -> tuple[dict[str, tuple[PhotoUpload, dict, datetime]], list[DeadLetter]]:
-    """Validate each message of the topic with ``topic_id``; the last valid message per
-    photoId wins within a batch."""
+    messages: list[Message],
+    blob: BlobStorageResource,
+    topic_id: str | None = None,
+    read_at: datetime | None = None,
+    held_back: Collection[int] = (),
+) -> tuple[dict[str, tuple[PhotoUpload, dict, datetime | None]], list[DeadLetter]]:
+    """Validate each message of the topic with ``topic_id``, read at ``read_at`` (default
+    now). A producer timestamp more than ``MAX_PUBLISH_SKEW`` after ``read_at`` is not
+    trusted, and the offsets in ``held_back`` (dead-lettered for that by an earlier read) stay
+    dead-lettered. Per photoId the valid message with the greatest ``source_version`` wins, the
+    order ``upsert_uploads`` applies across batches, so the stored photo does not depend on
+    how the messages were split into runs."""
     policy = blob.url_policy()
-    valid: dict[str, tuple[PhotoUpload, dict, datetime]] = {}
+    read_at = read_at or datetime.now(UTC)
+    valid: list[tuple[PhotoUpload, dict, datetime | None]] = []
     rejected: list[DeadLetter] = []
     for message in messages:
         sent_at = published_at(message)
@@ -71,17 +116,26 @@ def split_batch(
             "topicId": topic_id,
         }
         try:
+            if message.offset() in held_back:
+                raise InvalidUpload(
+                    PUBLISH_TIME_IN_FUTURE,
+                    "dead-lettered when first read for a Kafka timestamp in the future; a "
+                    "re-read keeps that outcome",
+                )
+            check_publish_time(producer_set_time(message), read_at)
             upload = validate_upload(message.value(), policy, sent_at)
         except InvalidUpload as invalid:
             rejected.append(
                 DeadLetter.from_message(message, invalid.code, invalid.reason, topic_id)
             )
             continue
-        valid[upload.photo_id] = (upload, source, sent_at or datetime.now(UTC))
-    return valid, rejected
+        valid.append((upload, source, sent_at))
+    return newest_per_photo(valid), rejected
 
 
-def moved_events(db: Database, uploads: dict[str, tuple[PhotoUpload, dict, datetime]]) -> list[str]:
+def moved_events(
+    db: Database, uploads: dict[str, tuple[PhotoUpload, dict, datetime | None]]
+) -> list[str]:
     """Events that photos of this batch belonged to before their location or time changed:
     those events may lose members and must be reclustered too."""
     moved: set[str] = set()
@@ -132,6 +186,7 @@ def photo_uploads(
 ) -> Output[IngestedBatch]:
     offsets = of_current_topic(config.offsets(), kafka)
     messages, lost = kafka.read_range(offsets)
+    read_at = datetime.now(UTC)
     # Deleted and created again while this run read: the messages may be the new topic's.
     of_current_topic(offsets, kafka)
     if lost:
@@ -140,8 +195,9 @@ def photo_uploads(
             lost,
             offsets.key,
         )
-    valid, rejected = split_batch(messages, blob, offsets.topic_id)
     db = mongo.db()
+    held_back = held_back_before(db, messages, offsets.topic_id)
+    valid, rejected = split_batch(messages, blob, offsets.topic_id, read_at, held_back)
     sent = send_dead_letters(db, kafka, settings.dead_letter_topic, rejected)
     moved = moved_events(db, valid) if valid else []
     written = upsert_uploads(db, list(valid.values()))

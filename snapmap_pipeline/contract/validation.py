@@ -10,6 +10,11 @@ Timestamp policy (cases.md #31, #34): RFC 3339 only, with ``T`` and ``Z`` or an 
 seconds are rejected. Fractions are cut to whole milliseconds, the precision MongoDB stores, so
 that streaming and reclustering from storage see the same instant. A photo taken before
 2000-01-01 or more than one day after the message's own Kafka timestamp is rejected.
+
+The Kafka timestamp itself orders the messages about one photo (``store/photos.py``), so a
+producer-set one (CreateTime) more than ``MAX_PUBLISH_SKEW`` after the moment the run read the
+message is not trusted: the message is rejected with ``publish_time_in_future``
+(``check_publish_time``). The broker's own time (LogAppendTime) is not checked.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ from snapmap_pipeline.contract.storage_url import StorageUrlError, StorageUrlPol
 MAX_MESSAGE_BYTES = 64 * 1024
 EARLIEST_TAKEN_AT = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_FUTURE_SKEW = timedelta(days=1)
+# Producer clocks ahead of the pipeline's by more than this are broken, not skewed (Kafka 4.0
+# rejects such timestamps by default: message.timestamp.after.max.ms = 1 hour).
+MAX_PUBLISH_SKEW = timedelta(hours=1)
+PUBLISH_TIME_IN_FUTURE = "publish_time_in_future"
 MAX_UTC_OFFSET = timedelta(hours=14)
 
 _TIMESTAMP = re.compile(
@@ -124,6 +133,19 @@ def parse_timestamp(text: str, reference: datetime | None = None) -> datetime:
             f"timestamp {text} is more than a day after the message was published",
         )
     return taken_at
+
+
+def check_publish_time(published_at: datetime | None, read_at: datetime) -> None:
+    """Reject a producer-set Kafka timestamp more than ``MAX_PUBLISH_SKEW`` after ``read_at``
+    (when the run read the message; both aware). Such a message would win over every later
+    message about its photo, and its photo would look uploaded in the future."""
+    if published_at is not None and published_at > read_at + MAX_PUBLISH_SKEW:
+        raise InvalidUpload(
+            PUBLISH_TIME_IN_FUTURE,
+            f"Kafka timestamp {published_at.isoformat()} is more than an hour after the "
+            f"message was read ({read_at.isoformat(timespec='seconds')}); the producer set a "
+            "wrong time",
+        )
 
 
 def validate_upload(

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 
 from pymongo import UpdateOne
 from pymongo.database import Database
@@ -19,29 +19,56 @@ PHOTO_FIELDS = {"location": 1, "takenAt": 1, "eventId": 1, "cell": 1}
 
 def source_version(source: dict, published_at: datetime | None) -> str:
     """Which of two messages about one photo is newer, as a string that sorts that way: the
-    broker's publish time, then partition and offset (ties only between partitions)."""
+    Kafka timestamp (0 when the message has none), then partition and offset (these decide
+    between messages of the same millisecond, within a partition by offset). The ingest step
+    rejects producer timestamps in the future (``check_publish_time``), so no message can
+    outrank every later one; a producer timestamp behind the true time only makes its own
+    message lose."""
     millis = int(published_at.timestamp() * 1000) if published_at else 0
     return f"{millis:015d}:{int(source['partition']):06d}:{int(source['offset']):020d}"
 
 
-def upsert_uploads(db: Database, uploads: Sequence[tuple[PhotoUpload, dict, datetime]]) -> int:
-    """Upsert the photos of valid messages: ``(upload, source, published_at)`` triples.
+def newest_per_photo(
+    uploads: Iterable[tuple[PhotoUpload, dict, datetime | None]],
+) -> dict[str, tuple[PhotoUpload, dict, datetime | None]]:
+    """The message with the greatest ``source_version`` per photo id: the order in which
+    ``upsert_uploads`` lets a message replace a stored one, so one batch keeps the message that
+    several batches would leave stored."""
+    newest: dict[str, tuple[str, tuple[PhotoUpload, dict, datetime | None]]] = {}
+    for entry in uploads:
+        upload, source, published_at = entry
+        version = source_version(source, published_at)
+        kept = newest.get(upload.photo_id)
+        if kept is None or version > kept[0]:
+            newest[upload.photo_id] = (version, entry)
+    return {photo_id: entry for photo_id, (_, entry) in newest.items()}
+
+
+def upsert_uploads(
+    db: Database, uploads: Sequence[tuple[PhotoUpload, dict, datetime | None]]
+) -> int:
+    """Upsert the photos of valid messages: ``(upload, source, published_at)`` triples, where
+    ``published_at`` is the message's Kafka timestamp or None.
 
     A photo the upload backend already wrote is updated, never duplicated; one that does not
-    exist yet is created from the message. ``uploadedAt`` and ``eventId`` are only set on insert.
-    The newest message about a photo wins whatever order runs apply them in: each write carries
-    its ``sourceVersion``, and a message older than the stored version is not applied (a replay
-    of an old range cannot bring back a photo's old location). The versions are read and the
-    writes made under the clustering lease, so no other run writes a photo in between; every
-    query is by ``_id`` (a filter on the version as well would be a collection scan on the
-    local server). Returns the number of documents created or modified.
+    exist yet is created from the message. ``uploadedAt`` (the publish time, or now if that is
+    later or missing) and ``eventId`` are only set on insert.
+    The newest message about a photo wins whatever order runs apply them in and however they
+    are split into batches: each write carries its ``sourceVersion``, and a message older than
+    the stored version (or than another message of ``uploads`` about the same photo) is not
+    applied (a replay of an old range cannot bring back a photo's old location). The versions
+    are read and the writes made under the clustering lease, so no other run writes a photo in
+    between; every query is by ``_id`` (a filter on the version as well would be a collection
+    scan on the local server). Returns the number of documents created or modified.
     """
     if not uploads:
         return 0
+    newest = newest_per_photo(uploads)
     versions = {
-        upload.photo_id: source_version(source, published_at)
-        for upload, source, published_at in uploads
+        photo_id: source_version(source, published_at)
+        for photo_id, (_, source, published_at) in newest.items()
     }
+    now = datetime.now(UTC)
     with clustering_lease(db):
         stored = {
             d["_id"]: d
@@ -54,7 +81,7 @@ def upsert_uploads(db: Database, uploads: Sequence[tuple[PhotoUpload, dict, date
         # Events whose album lists a photo whose storageUrl changes: clustering does not see
         # the URL, so no recluster would mark their manifests for rewriting.
         albums_changed: set[str] = set()
-        for upload, source, published_at in uploads:
+        for upload, source, published_at in newest.values():
             version = versions[upload.photo_id]
             previous = stored.get(upload.photo_id, {})
             newer = previous.get("sourceVersion")
@@ -78,7 +105,10 @@ def upsert_uploads(db: Database, uploads: Sequence[tuple[PhotoUpload, dict, date
                     {"_id": upload.photo_id},
                     {
                         "$set": fields,
-                        "$setOnInsert": {"uploadedAt": published_at, "eventId": None},
+                        "$setOnInsert": {
+                            "uploadedAt": min(published_at or now, now),
+                            "eventId": None,
+                        },
                     },
                     upsert=True,
                 )

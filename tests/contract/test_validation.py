@@ -4,14 +4,16 @@ messages parse exactly, and the JSON Schema in the repo agrees with the validato
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from jsonschema import Draft202012Validator
 
 from snapmap_pipeline.contract.storage_url import StorageUrlError, StorageUrlPolicy
 from snapmap_pipeline.contract.validation import (
+    MAX_PUBLISH_SKEW,
     InvalidUpload,
+    check_publish_time,
     parse_timestamp,
     schema,
     validate_upload,
@@ -192,6 +194,29 @@ def test_future_guard_is_relative_to_the_message_not_the_wall_clock():
     assert parse_timestamp("2019-05-01T12:00:00Z", old_publish).year == 2019
     with pytest.raises(InvalidUpload, match="more than a day after"):
         parse_timestamp("2019-05-03T00:00:01Z", old_publish)
+
+
+def test_a_publish_time_within_the_skew_of_the_read_is_trusted():
+    read_at = datetime(2026, 5, 1, 13, 0, tzinfo=UTC)
+    check_publish_time(read_at + MAX_PUBLISH_SKEW, read_at)
+    check_publish_time(datetime(2019, 5, 1, tzinfo=UTC), read_at)  # an old range re-read
+    check_publish_time(None, read_at)
+
+
+@pytest.mark.parametrize("ahead", [MAX_PUBLISH_SKEW + timedelta(milliseconds=1), timedelta(days=1)])
+def test_a_publish_time_further_ahead_of_the_read_is_rejected(ahead):
+    read_at = datetime(2026, 5, 1, 13, 0, tzinfo=UTC)
+    with pytest.raises(InvalidUpload, match="more than an hour after") as rejected:
+        check_publish_time(read_at + ahead, read_at)
+    assert rejected.value.code == "publish_time_in_future"
+
+
+def test_the_takenat_guard_alone_lets_a_message_stamped_in_2100_through():
+    """Why the publish time needs its own guard: the takenAt guard is relative to it."""
+    stamped = datetime(2100, 1, 1, tzinfo=UTC)
+    assert validate_upload(message(), POLICY, stamped).photo_id == "abc123"
+    with pytest.raises(InvalidUpload, match="publish_time_in_future"):
+        check_publish_time(stamped, datetime(2026, 5, 1, tzinfo=UTC))
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,15 @@ them in, so a late run (or a replay of an old range) cannot bring back the old c
 from __future__ import annotations
 
 import json
+import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from dagster import instance_for_test
+from dagster import RunRequest, instance_for_test
 
+from snapmap_pipeline.assets.ingest import held_back_before, split_batch
+from snapmap_pipeline.cli import account_partition
+from snapmap_pipeline.resources.kafka import OffsetRange
 from tests.integration.pipeline import Harness, photo_events, upload
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kafka, pytest.mark.storage]
@@ -84,3 +89,131 @@ def album_urls(blob, event_id: str) -> dict[str, str]:
         stored = client.get_blob_client(blob.manifest_container, f"{event_id}.json")
         album = json.loads(stored.download_blob().readall())
     return {p["photoId"]: p["storageUrl"] for p in album["photos"]}
+
+
+def requests_by_partition(harness: Harness, partitions: int) -> dict[int, RunRequest]:
+    """One tick's request per partition (a new topic's partitions can take a tick or two to
+    show their messages)."""
+    requests: dict[int, RunRequest] = {}
+    for _ in range(10):
+        requests |= {int(r.tags["snapmap/partition"]): r for r in harness.tick()}
+        if len(requests) == partitions:
+            return requests
+        time.sleep(1)
+    raise AssertionError(f"the sensor requested only partitions {sorted(requests)}")
+
+
+def narrowed(request: RunRequest, first: int, last: int) -> RunRequest:
+    """``request`` for offsets first..last of its partition only (another split into runs)."""
+    config = json.loads(json.dumps(request.run_config))
+    config["ops"]["photo_uploads"]["config"] |= {"first_offset": first, "last_offset": last}
+    tags = dict(request.tags) | {"snapmap/offsets": f"{first}-{last}"}
+    return RunRequest(run_key=f"{request.run_key}/{first}-{last}", run_config=config, tags=tags)
+
+
+MID = (2.3550, 48.8550)  # a third place, published between the two others
+# Messages about one photo, published in this order, as (partition, publish time, place): the
+# second one is behind the first on the same partition, as from a producer whose clock went
+# back (or a second producer with a slower clock). The newest by publish time is NEW.
+SPLITS = {
+    # offsets of partition 0 per run, in the order the runs are executed
+    "one run": [(0, 1)],
+    "two runs in order": [(0, 0), (1, 1)],
+    "two runs reversed": [(1, 1), (0, 0)],
+}
+
+
+@pytest.mark.parametrize("partition_1_first", [False, True], ids=["p0-first", "p1-first"])
+@pytest.mark.parametrize("split", SPLITS.values(), ids=SPLITS.keys())
+def test_the_winner_does_not_depend_on_how_the_messages_are_split_into_runs(
+    split, partition_1_first, resources, settings, kafka, mongo
+):
+    """Found by a breaker: within a batch the last offset won, across batches the greatest
+    version, so an older publish time at a higher offset won only when both were in one run."""
+    topic = settings.uploads_topic
+    taken = "2026-05-01T12:00:00Z"
+    produce(kafka, topic, 0, upload("edited", taken, *NEW), T0 + 60_000)
+    produce(kafka, topic, 0, upload("edited", taken, *OLD), T0)
+    produce(kafka, topic, 1, upload("edited", taken, *MID), T0 + 30_000)
+
+    with instance_for_test() as instance:
+        harness = Harness(instance, resources)
+        requests = requests_by_partition(harness, 2)
+        runs = [narrowed(requests[0], first, last) for first, last in split]
+        runs.insert(0 if partition_1_first else len(runs), requests[1])
+        for run in runs:
+            harness.execute(run)
+
+    photo = mongo.db().photos.find_one({"_id": "edited"})
+    assert tuple(photo["location"]["coordinates"]) == NEW, json.dumps(photo, default=str)
+    assert photo["source"]["partition"] == 0 and photo["source"]["offset"] == 0
+
+
+def test_a_producer_timestamp_in_the_future_is_dead_lettered_and_outranks_nothing(
+    resources, settings, kafka, mongo
+):
+    """Found by a breaker: a message stamped in 2100 passed the takenAt guard (which is
+    relative to that same stamp), won over every later correction of its photo for good, and
+    gave a new photo an uploadedAt in 2100, out of the sweeper's sight."""
+    topic = settings.uploads_topic
+    taken = "2026-05-01T12:00:00Z"
+    year_2100 = int(datetime(2100, 1, 1, tzinfo=UTC).timestamp() * 1000)
+    now = int(time.time() * 1000)
+    produce(kafka, topic, 0, upload("edited", taken, *OLD), year_2100)
+    produce(kafka, topic, 0, upload("edited", taken, *NEW), now)
+    produce(kafka, topic, 1, upload("stamped-2100", taken, *MID), year_2100)
+    # Half an hour ahead: a skewed producer clock, accepted; uploadedAt is not in the future.
+    produce(kafka, topic, 2, upload("skewed", taken, *MID), now + 30 * 60_000)
+
+    with instance_for_test() as instance:
+        harness = Harness(instance, resources)
+        harness.drain()
+    applied_by = datetime.now(UTC)
+
+    db = mongo.db()
+    photo = db.photos.find_one({"_id": "edited"})
+    assert tuple(photo["location"]["coordinates"]) == NEW, json.dumps(photo, default=str)
+    assert db.photos.find_one({"_id": "stamped-2100"}) is None
+    skewed = db.photos.find_one({"_id": "skewed"})
+    assert skewed["eventId"] is not None
+    assert skewed["uploadedAt"].replace(tzinfo=UTC) <= applied_by
+    letters = {(d["partition"], d["offset"]): d for d in db.dead_letters.find({})}
+    assert set(letters) == {(0, 0), (1, 0)}
+    assert {d["code"] for d in letters.values()} == {"publish_time_in_future"}
+    assert "2100-01-01" in letters[(0, 0)]["reason"]
+
+    # Every offset ended applied or dead-lettered, and the group committed them all.
+    with kafka.consumer() as consumer:
+        committed = kafka.committed(consumer, topic, [0, 1, 2])
+    for partition, end in ((0, 2), (1, 1), (2, 1)):
+        account = account_partition(db, topic, partition, 0, end, committed[partition])
+        assert account.ok and account.pending == 0 and committed[partition] == end, account
+
+
+def test_a_range_read_again_later_keeps_a_future_stamped_message_dead_lettered(
+    resources, settings, kafka, mongo, blob
+):
+    """A stamp two hours ahead is no longer in the future three hours later: a replay then
+    must still dead-letter it (the first read's outcome), not apply it as well."""
+    topic = settings.uploads_topic
+    taken = "2026-05-01T12:00:00Z"
+    ahead = datetime.now(UTC) + timedelta(hours=2)
+    produce(kafka, topic, 0, upload("edited", taken, *NEW), T0)
+    produce(kafka, topic, 0, upload("edited", taken, *OLD), int(ahead.timestamp() * 1000))
+    with instance_for_test() as instance:
+        Harness(instance, resources).drain()
+    db = mongo.db()
+    assert db.dead_letters.find_one({"offset": 1})["code"] == "publish_time_in_future"
+
+    # The same range read again, as a run three hours from now would see it.
+    messages, _ = kafka.read_range(OffsetRange(topic, 0, 0, 1, kafka.topic_id(topic)))
+    later = ahead + timedelta(hours=1)
+    topic_id = kafka.topic_id(topic)
+    held = held_back_before(db, messages, topic_id)
+    valid, rejected = split_batch(messages, blob, topic_id, later, held)
+    assert held == {1}
+    assert [(r.offset, r.code) for r in rejected] == [(1, "publish_time_in_future")]
+    assert valid["edited"][1]["offset"] == 0
+    # Without the record of the first read's outcome the later read would apply it.
+    valid, rejected = split_batch(messages, blob, topic_id, later)
+    assert not rejected and valid["edited"][1]["offset"] == 1
