@@ -128,15 +128,15 @@ def _completed(kafka: KafkaResource, letter: DeadLetter, topic_ids: dict) -> Dea
     if not messages:
         return _without_bytes(letter, f"{where} was deleted by retention")
     message = messages[0]
-    if not _same_photo(letter, message.value()):
+    if letter.topic_id is None and not _same_photo(letter, message.value()):
         return _without_bytes(letter, f"{where} holds another photo's message")
     return DeadLetter.from_message(message, letter.code, letter.reason, letter.topic_id)
 
 
 def _same_photo(letter: DeadLetter, value: bytes | None) -> bool:
-    """Whether ``value`` can be the message of the photo the letter is keyed by (the photo id):
-    a letter recorded before topic ids were cannot tell a recreated topic by its id, but the
-    message at its offset then names another photo."""
+    """Whether ``value`` can be the message of the photo the letter is keyed by (the photo id).
+    Asked of letters recorded before topic ids were: they cannot tell a recreated topic by its
+    id, but the message at their offset then names another photo."""
     if letter.key is None or value is None:
         return True
     try:
