@@ -7,7 +7,8 @@
 (the outbox of event-updates); ``manifestPending``/``manifestSha256`` (the outbox of manifests).
 ``pending_links``: photo-to-event decisions not yet applied to ``photos`` (the link step's
 queue). ``leases``: the clustering lease. ``batches``: what each offset range ended as (the
-offset accounting).
+offset accounting). ``migrations``: one-time data changes already done, by ``_id`` (see
+``store/batches.py::stamp_legacy_batches``).
 """
 
 from __future__ import annotations
