@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 from dagster import AssetCheckSeverity, DagsterEventType, instance_for_test
 
+import snapmap_pipeline.assets.events as events_module
 import snapmap_pipeline.store.recluster as recluster_module
 from snapmap_pipeline.definitions import build_definitions
 from snapmap_pipeline.jobs import INGEST_JOB_NAME, SWEEPER_JOB_NAME
@@ -80,26 +81,80 @@ def test_a_photo_left_without_event_blocks_publish_and_commit_until_the_sweeper_
         assert all(event for photo, event in assignment.items() if photo != VICTIM)
         assert db.events.count_documents({"publishPending": False}) == 0, "nothing published"
 
-        sweeper = build_definitions(resources).resolve_job_def(SWEEPER_JOB_NAME)
-        swept = evaluations(sweeper.execute_in_process(instance=instance))
-        assert swept["orphan_photos"].metadata["orphans_healed"].value == 1
-        assignment = photo_events(db)
-        assert assignment[VICTIM] == assignment["chk-0"] is not None
+        heal_and_rerun(
+            harness, resources, db, kafka, settings.uploads_topic, len(values), orphans=1
+        )
 
-        (again,) = harness.tick()
-        assert again.tags["snapmap/heal_attempt"] == "1"
-        healed = harness.execute(again)
-        assert evaluations(healed)["batch_photos_linked"].passed
-        assert committed(kafka, settings.uploads_topic) == {0: len(values)}
-        assert photo_events(db) == assignment, "the healed rerun changed nothing"
-        assert len(live_events(db)) == 2
-        assert harness.tick() == []
-        # The event's count saw the photo missing (the counts check may run before the orphan
-        # sweep in one sweeper run); once healed, the consistency checks pass. (The storage
-        # check fails: these photos have no blobs.)
-        swept = evaluations(sweeper.execute_in_process(instance=instance))
-        for name in ("orphan_photos", "event_photo_counts", "tombstone_targets"):
-            assert swept[name].passed, swept[name]
+
+def test_a_photo_whose_clustering_raises_blocks_everything_after_clustering(
+    resources, settings, kafka, mongo, monkeypatch
+):
+    """The loud form of the same fault: clustering raises for the one photo. The rest of the
+    batch is clustered (bisection), the run fails at ``events``, and neither the links, the
+    check, the publishing nor the commit run; the sweeper and the range's next run heal it as
+    above.
+
+    Seen failing with ``events`` catching the error and returning an empty report: the run
+    then succeeds and commits."""
+    values = crowd()
+    publish(kafka, settings.uploads_topic, values, partition=0)
+    resources = {
+        **resources,
+        "settings": changed(settings, heal_after_s=0.0, orphan_grace_minutes=0.0),
+    }
+    recluster = events_module.recluster
+
+    def failing_for_the_victim(db, ids, params, also_events=()):
+        if VICTIM in ids:
+            raise ValueError(f"clustering failed for {VICTIM}")
+        return recluster(db, ids, params, also_events)
+
+    db = mongo.db()
+    with instance_for_test() as instance:
+        harness = Harness(instance, resources)
+        (request,) = harness.tick()
+        monkeypatch.setattr(events_module, "recluster", failing_for_the_victim)
+        result = harness.execute(request, raise_on_error=False)
+        monkeypatch.undo()
+
+        assert not result.success
+        assert materialised(result) == {"photo_uploads"}
+        assert "batch_photos_linked" not in evaluations(result)
+        assert committed(kafka, settings.uploads_topic) == {}
+        assert photo_events(db)[VICTIM] is None
+        assert db.events.count_documents({"publishPending": False}) == 0, "nothing published"
+
+        heal_and_rerun(harness, resources, db, kafka, settings.uploads_topic, len(values))
+
+
+def heal_and_rerun(
+    harness, resources, db, kafka, topic: str, published: int, orphans: int | None = None
+) -> None:
+    """A sweeper run links every photo left without an event (``orphans`` of them by the
+    orphan sweep, when given); the failed range's next run (requested again by the sensor)
+    passes the check, commits, and changes nothing."""
+    sweeper = build_definitions(resources).resolve_job_def(SWEEPER_JOB_NAME)
+    swept = evaluations(sweeper.execute_in_process(instance=harness.instance))
+    if orphans is not None:
+        assert swept["orphan_photos"].metadata["orphans_healed"].value == orphans
+    assignment = photo_events(db)
+    assert None not in assignment.values()
+    assert assignment[VICTIM] == assignment["chk-0"]
+
+    (again,) = harness.tick()
+    assert again.tags["snapmap/heal_attempt"] == "1"
+    healed = harness.execute(again)
+    assert evaluations(healed)["batch_photos_linked"].passed
+    assert committed(kafka, topic) == {0: published}
+    assert photo_events(db) == assignment, "the healed rerun changed nothing"
+    assert len(live_events(db)) == 2
+    assert harness.tick() == []
+    # The event's count saw the photo missing (the counts check may run before the orphan
+    # sweep in one sweeper run); once healed, the consistency checks pass. (The storage
+    # check fails: these photos have no blobs.)
+    swept = evaluations(sweeper.execute_in_process(instance=harness.instance))
+    for name in ("orphan_photos", "event_photo_counts", "tombstone_targets"):
+        assert swept[name].passed, swept[name]
 
 
 def test_the_batch_check_runs_in_ingest_runs_and_not_in_the_sweeper(resources):
