@@ -1,10 +1,16 @@
 package snapmap.localstack.mongo;
 
 import java.lang.reflect.Field;
+import java.util.ArrayList;
+import java.util.HashSet;
 import java.util.List;
+import java.util.Objects;
+import java.util.Set;
+import java.util.stream.Stream;
 
 import org.h2.mvstore.MVMap;
 import org.h2.mvstore.MVStore;
+import org.h2.mvstore.type.DataType;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
 
@@ -24,7 +30,8 @@ import de.bwaldvogel.mongo.bson.Document;
 
 /**
  * The H2 backend with index changes serialised against writes, cheaper index key comparison,
- * and collection keys compared safely from several threads.
+ * collection keys compared safely from several threads, non-unique indexes that answer queries,
+ * and H2's automatic compaction off.
  *
  * <p>mongo-java-server 1.47 guards a collection's writes and queries with the collection's
  * monitor, but not {@code addIndex} or {@code dropIndex}: a {@code createIndexes} arriving while
@@ -43,6 +50,10 @@ import de.bwaldvogel.mongo.bson.Document;
  * <p>A collection's documents are kept in a map keyed by {@code _id}, whose key type is
  * {@link ObjectKeyType}: the library's ObjectDataType without its race between a comparison and
  * the store's background writes (see there). Format and order are the library's in both cases.
+ *
+ * <p>Non-unique indexes are {@link SecondaryIndex}es, which name the documents that may match a
+ * query; {@link Collection#queryDocuments} matches the whole query on those, in the order a scan
+ * would read them. The library's own non-unique index keeps nothing.
  *
  * <p>The library builds its database and collection objects inside its constructors (the
  * backend reopens every stored database while it is being constructed), before a subclass
@@ -65,10 +76,23 @@ final class IndexSafeH2Backend extends H2Backend {
      */
     private static final int PAGE_CACHE_MB = 128;
 
+    /**
+     * H2's automatic compaction is off (a fill rate of 0). With it on (H2's default, 90 %), the
+     * store's background thread rewrites the live pages of sparsely filled chunks into new ones
+     * and frees the old chunks; a long read of a map that started before such a rewrite could
+     * then ask for a chunk that is gone, and the client got "Unknown error: Chunk N not found"
+     * (an MVStoreException from FileStore.getChunk), as in the 100,000-photo backfill. Without
+     * compaction a chunk is freed only when none of its pages is live any more. The cost: the
+     * file keeps sparsely filled chunks instead of packing them, so it can grow larger; the
+     * space of wholly dead chunks is still reused.
+     */
+    private static final int AUTO_COMPACT_FILL_RATE = 0;
+
     private static final Logger log = LoggerFactory.getLogger(IndexSafeH2Backend.class);
 
     private static MVStore store;
     private static boolean cachedIndexKeys;
+    private static boolean secondaryIndexes;
 
     private IndexSafeH2Backend(MVStore mvStore) {
         super(mvStore);
@@ -77,13 +101,18 @@ final class IndexSafeH2Backend extends H2Backend {
     /**
      * Opens the store and the databases in it. With {@code cachedIndexKeys} the unique indexes
      * use {@link IndexKeyType}; without, the library's own key type (same format and order).
+     * With {@code secondaryIndexes} non-unique indexes are kept and used ({@link SecondaryIndex});
+     * without, they are listed but do nothing, as in the library.
      */
-    static synchronized IndexSafeH2Backend openStore(String fileName, boolean cachedIndexKeys) {
+    static synchronized IndexSafeH2Backend openStore(String fileName, boolean cachedIndexKeys,
+                                                     boolean secondaryIndexes) {
         if (store != null) {
             throw new IllegalStateException("this process already holds a store");
         }
         IndexSafeH2Backend.cachedIndexKeys = cachedIndexKeys;
-        store = new MVStore.Builder().fileName(fileName).cacheSize(PAGE_CACHE_MB).open();
+        IndexSafeH2Backend.secondaryIndexes = secondaryIndexes;
+        store = new MVStore.Builder().fileName(fileName).cacheSize(PAGE_CACHE_MB)
+            .autoCompactFillRate(AUTO_COMPACT_FILL_RATE).open();
         return new IndexSafeH2Backend(store);
     }
 
@@ -106,6 +135,22 @@ final class IndexSafeH2Backend extends H2Backend {
                 new MVMap.Builder<Object, Document>().keyType(new ObjectKeyType()));
             MVMap<String, Object> metaMap = store.openMap(META_PREFIX + fullName);
             return new Collection(this, collectionName, options, dataMap, metaMap, cursorRegistry);
+        }
+
+        /**
+         * A non-unique index, kept by our backend (the library's own is an empty stand-in that
+         * never answers a query); with {@code snapmap.mongo.secondaryIndexes=library}, the
+         * library's stand-in.
+         */
+        @Override
+        protected Index<Object> openOrCreateSecondaryIndex(String collectionName,
+                                                           String indexName,
+                                                           List<IndexKey> keys,
+                                                           boolean sparse) {
+            if (!secondaryIndexes) {
+                return super.openOrCreateSecondaryIndex(collectionName, indexName, keys, sparse);
+            }
+            return new SecondaryIndex(indexName, keys, sparse);
         }
 
         @Override
@@ -140,10 +185,19 @@ final class IndexSafeH2Backend extends H2Backend {
 
     private static final class Collection extends H2Collection {
 
+        /**
+         * Above this share of the collection, the documents an index names are read by a scan
+         * instead of one lookup each (same answer, and a scan reads them in file order).
+         */
+        private static final double MAX_LOOKUP_SHARE = 0.25;
+
+        private final MVMap<Object, Document> dataMap;
+
         Collection(MongoDatabase database, String collectionName, CollectionOptions options,
                    MVMap<Object, Document> dataMap, MVMap<String, Object> metaMap,
                    CursorRegistry cursorRegistry) {
             super(database, collectionName, options, dataMap, metaMap, cursorRegistry);
+            this.dataMap = dataMap;
         }
 
         @Override
@@ -179,8 +233,83 @@ final class IndexSafeH2Backend extends H2Backend {
                         numberToSkip, limit, batchSize, fieldSelector);
                 }
             }
+            if (!isNatural(orderBy)) {
+                Set<Object> candidates = candidates(query);
+                if (candidates != null && candidates.size() <= MAX_LOOKUP_SHARE * count()) {
+                    return matchDocumentsFromStream(inStoreOrder(candidates), query, orderBy,
+                        numberToSkip, limit, batchSize, fieldSelector);
+                }
+            }
             return super.queryDocuments(query, orderBy, numberToSkip, limit, batchSize,
                 fieldSelector);
+        }
+
+        /**
+         * The {@code _id}s of every document that may match {@code query}, from the collection's
+         * indexes, or null when none of them bounds it. Several ways of bounding it (an index,
+         * a clause of {@code $and}, all clauses of {@code $or}) give several such sets; the
+         * smallest is taken. The whole query is matched on every document named.
+         */
+        private Set<Object> candidates(Document query) {
+            Set<Object> best = null;
+            for (Index<Object> index : getIndexes()) {
+                Set<Object> found = null;
+                if (index instanceof SecondaryIndex) {
+                    found = ((SecondaryIndex) index).candidates(query);
+                } else {
+                    Document equalities = plainEqualities(query, index);
+                    if (equalities != null && index.canHandle(equalities)) {
+                        found = new HashSet<>();
+                        index.getPositions(equalities).forEach(found::add);
+                    }
+                }
+                best = smaller(best, found);
+            }
+            if (query.get("$and") instanceof List<?>) {
+                for (Object clause : (List<?>) query.get("$and")) {
+                    if (clause instanceof Document) {
+                        best = smaller(best, candidates((Document) clause));
+                    }
+                }
+            }
+            if (query.get("$or") instanceof List<?> && !((List<?>) query.get("$or")).isEmpty()) {
+                Set<Object> union = new HashSet<>();
+                for (Object clause : (List<?>) query.get("$or")) {
+                    Set<Object> found = clause instanceof Document
+                        ? candidates((Document) clause) : null;
+                    if (found == null) {
+                        union = null;
+                        break;
+                    }
+                    union.addAll(found);
+                }
+                best = smaller(best, union);
+            }
+            return best;
+        }
+
+        private static Set<Object> smaller(Set<Object> a, Set<Object> b) {
+            if (a == null) {
+                return b;
+            }
+            return b == null || a.size() <= b.size() ? a : b;
+        }
+
+        /**
+         * The documents, in the order a scan reads them (the {@code _id} map's key order), so
+         * that an unsorted or tied answer, and what a limit keeps of it, are the scan's.
+         */
+        private Stream<Document> inStoreOrder(Set<Object> positions) {
+            List<Object> sorted = new ArrayList<>(positions);
+            DataType<Object> keyType = dataMap.getKeyType();
+            sorted.sort(keyType::compare);
+            // A document removed by a writer that does not hold this collection's monitor
+            // (the library's count) is skipped.
+            return sorted.stream().map(dataMap::get).filter(Objects::nonNull);
+        }
+
+        private static boolean isNatural(Document orderBy) {
+            return orderBy != null && orderBy.containsKey("$natural");
         }
 
         /** The query's values for the index's keys, when it is unique and every one of them

@@ -28,11 +28,18 @@ import de.bwaldvogel.mongo.backend.h2.H2Backend;
  * compared: {@code cached} (the default, see {@link IndexKeyType}) or {@code library} (the
  * library's own way, much slower). Both read and write the same store format, so a store can
  * be opened with either; {@code library} is there to check that, and to rule the cache out.
+ *
+ * <p>The system property {@code snapmap.mongo.secondaryIndexes} chooses whether non-unique
+ * indexes are kept and used to answer queries: {@code kept} (the default, see
+ * {@link SecondaryIndex}) or {@code library} (listed but inert, every such query a scan). They
+ * are held in memory and rebuilt when the store opens, so the store's format does not depend on
+ * it either.
  */
 public final class LocalMongoServer {
 
     static final String STORE_FILE = "snapmap.mv.db";
     static final String INDEX_KEYS_PROPERTY = "snapmap.mongo.indexKeys";
+    static final String SECONDARY_INDEXES_PROPERTY = "snapmap.mongo.secondaryIndexes";
 
     /**
      * What the server tells drivers it is. The library's own choices all announce wire version 8
@@ -71,12 +78,19 @@ public final class LocalMongoServer {
                                + indexKeys + "'");
             System.exit(2);
         }
+        String secondaryIndexes = System.getProperty(SECONDARY_INDEXES_PROPERTY, "kept");
+        if (!secondaryIndexes.equals("kept") && !secondaryIndexes.equals("library")) {
+            System.err.println(SECONDARY_INDEXES_PROPERTY + " must be 'kept' or 'library', got '"
+                               + secondaryIndexes + "'");
+            System.exit(2);
+        }
 
         H2Backend backend;
         try {
             Files.createDirectories(store.getParent());
             backend = IndexSafeH2Backend.openStore(store.toString(),
-                                                   indexKeys.equals("cached"));
+                                                   indexKeys.equals("cached"),
+                                                   secondaryIndexes.equals("kept"));
         } catch (IOException | RuntimeException e) {
             // The usual cause is another server still holding the store's file lock.
             System.err.println("cannot open data store " + store + ": " + e.getMessage());
@@ -105,6 +119,10 @@ public final class LocalMongoServer {
                  indexKeys.equals("cached") ? "by their cached serialised form"
                                             : "the library's way, serialised at every comparison",
                  INDEX_KEYS_PROPERTY, indexKeys);
+        log.info("non-unique indexes are {} ({}={})",
+                 secondaryIndexes.equals("kept") ? "kept in memory and used by queries"
+                                                 : "listed only, as in the library",
+                 SECONDARY_INDEXES_PROPERTY, secondaryIndexes);
     }
 
     private static int parsePort(String text) {

@@ -1,0 +1,233 @@
+"""Non-unique indexes answer the same as a scan. The local server keeps non-unique indexes
+(``localstack/mongo/.../SecondaryIndex.java``) and uses them to choose which documents to match
+a query on; a wrong index loses or invents documents without any error. Here two collections
+hold the same documents and take the same writes, one with the pipeline's kinds of index (a
+single key, a flag, a compound ``(cell, time)`` and ``(time, _id)``) and one without, and many
+seeded random filters must give the same ``_id``s in the same order, the same sorted and
+limited pages and the same counts from both. The values mix types (numbers of several kinds,
+strings, dates, booleans, ObjectIds, null, missing, embedded documents and, rarely, arrays),
+and the writes change indexed fields, remove them, delete and upsert documents. On a real
+MongoDB this passes trivially; it pins the local server's index code."""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta
+
+import pytest
+from bson import ObjectId
+from pymongo import ASCENDING, MongoClient
+
+pytestmark = pytest.mark.storage
+
+DOCUMENTS = 800
+FILTERS_PER_ROUND = 100
+BASE = datetime(2026, 1, 17)
+OBJECT_IDS = [ObjectId(f"{i:024x}") for i in range(1, 9)]
+INDEXES = [
+    [("f", ASCENDING)],
+    [("flag", ASCENDING)],
+    [("event", ASCENDING)],
+    [("cell", ASCENDING), ("at", ASCENDING)],
+    [("at", ASCENDING), ("_id", ASCENDING)],
+    [("sub.k", ASCENDING)],
+]
+FIELDS = ["f", "flag", "event", "cell", "at", "sub.k"]
+
+
+def time(rng: random.Random) -> datetime:
+    return BASE + timedelta(minutes=rng.randrange(0, 600))
+
+
+def value(rng: random.Random, field: str):
+    """A value for ``field``: mostly of the field's own kind, sometimes of another type."""
+    roll = rng.random()
+    if roll < 0.04:
+        return None
+    if roll < 0.07:
+        return rng.choice([{"a": 1}, [rng.randrange(5), rng.randrange(5)], [], 2**40, -0.0])
+    if roll < 0.12:
+        return rng.choice([rng.randrange(20), f"s{rng.randrange(20)}", time(rng), True])
+    if field == "f":
+        return rng.choice(
+            [
+                rng.randrange(30),
+                rng.randrange(30) + 0.5,
+                float(rng.randrange(30)),
+                f"s{rng.randrange(30)}",
+                rng.choice(OBJECT_IDS),
+                3_000_000_000 + rng.randrange(3),
+            ]
+        )
+    if field == "flag":
+        return rng.random() < 0.3
+    if field == "event":
+        return f"e{rng.randrange(60)}"
+    if field == "cell":
+        return f"c{rng.randrange(15)}"
+    if field in ("at", "sub.k"):
+        return time(rng)
+    raise AssertionError(field)
+
+
+def document(rng: random.Random, key: str) -> dict:
+    doc: dict = {"_id": key, "n": rng.randrange(1000)}
+    for field in FIELDS:
+        if rng.random() < 0.08:
+            continue  # missing
+        if field == "sub.k":
+            doc["sub"] = {"k": value(rng, field)} if rng.random() < 0.9 else "flat"
+        else:
+            doc[field] = value(rng, field)
+    return doc
+
+
+def condition(rng: random.Random, field: str):
+    """A condition on one field, of the shapes the index answers and of some it does not."""
+    shape = rng.random()
+    if shape < 0.3:
+        return value(rng, field)
+    if shape < 0.4:
+        return {"$eq": value(rng, field)}
+    if shape < 0.6:
+        return {"$in": [value(rng, field) for _ in range(rng.randrange(0, 6))]}
+    if shape < 0.9:
+        low, high = sorted(
+            [value(rng, field), value(rng, field)], key=lambda v: (str(type(v)), str(v))
+        )
+        bounds: dict = {}
+        if rng.random() < 0.8:
+            bounds[rng.choice(["$gt", "$gte"])] = low
+        if rng.random() < 0.8 or not bounds:
+            bounds[rng.choice(["$lt", "$lte"])] = high
+        return bounds
+    return rng.choice([{"$ne": value(rng, field)}, {"$exists": rng.random() < 0.5}])
+
+
+def query(rng: random.Random, depth: int = 0) -> dict:
+    roll = rng.random()
+    if roll < 0.15 and depth == 0:
+        return {"$or": [query(rng, 1) for _ in range(rng.randrange(1, 4))]}
+    if roll < 0.25 and depth == 0:
+        return {"$and": [query(rng, 1), {"$or": [query(rng, 1), query(rng, 1)]}]}
+    if roll < 0.45:
+        return {"cell": condition(rng, "cell"), "at": condition(rng, "at")}
+    filter_ = {rng.choice(FIELDS): None}
+    filter_ = {field: condition(rng, field) for field in filter_}
+    if rng.random() < 0.4:
+        extra = rng.choice(FIELDS + ["n"])
+        filter_[extra] = condition(rng, extra) if extra != "n" else {"$lt": rng.randrange(1000)}
+    return filter_
+
+
+def answers(collection, filter_: dict) -> tuple:
+    ids = [d["_id"] for d in collection.find(filter_, {"_id": 1})]
+    page = [d["_id"] for d in collection.find(filter_, {"_id": 1}).sort("n", -1).limit(7)]
+    return ids, page, collection.count_documents(filter_)
+
+
+def stored_value(doc: dict, field: str):
+    return (
+        doc.get("sub", {}).get("k")
+        if field == "sub.k" and isinstance(doc.get("sub"), dict)
+        else doc.get(field)
+    )
+
+
+def probes(plain, keys: list[str]) -> list[dict]:
+    """Filters for the values the last 40 documents of ``keys`` hold now, each field by
+    equality and by a range starting at the value: the values an index must have been told of."""
+    filters = []
+    for doc in plain.find({"_id": {"$in": keys[-40:]}}):
+        for field in FIELDS:
+            stored = stored_value(doc, field)
+            if stored is None or isinstance(stored, (dict, list)):
+                continue
+            filters.append({field: stored})
+            filters.append({field: {"$gte": stored, "$lte": stored}})
+        if isinstance(doc.get("cell"), str) and "at" in doc:
+            filters.append({"cell": doc["cell"], "at": {"$gte": doc["at"]}})
+    return filters
+
+
+def compare(indexed, plain, rng: random.Random, label: str, written: list[str]) -> int:
+    """Asserts equal answers for FILTERS_PER_ROUND random filters and for probes of the values
+    of the documents ``written``; returns how many of the random filters matched anything."""
+    nonempty = 0
+    for i in range(FILTERS_PER_ROUND):
+        filter_ = query(rng)
+        expected = answers(plain, filter_)
+        assert answers(indexed, filter_) == expected, f"{label}, filter {i}: {filter_!r}"
+        nonempty += bool(expected[0])
+    for filter_ in probes(plain, written):
+        assert answers(indexed, filter_) == answers(plain, filter_), f"{label}: {filter_!r}"
+    return nonempty
+
+
+def write(collections, rng: random.Random) -> list[str]:
+    """The same random writes to both collections: indexed fields changed, unset, documents
+    replaced, deleted and upserted. Returns the ``_id``s written to by key."""
+    keys = []
+    for _ in range(120):
+        key = f"p{rng.randrange(DOCUMENTS + 100):04d}"
+        keys.append(key)
+        field = rng.choice(FIELDS)
+        roll = rng.random()
+        if roll < 0.4:
+            update = {"$set": {field: value(rng, field)}}
+            if field == "sub.k" and rng.random() < 0.5:
+                update = {"$set": {"sub": {"k": value(rng, field)}}}
+            upsert = rng.random() < 0.1
+            for c in collections:
+                c.update_one({"_id": key}, update, upsert=upsert)
+        elif roll < 0.5:
+            for c in collections:
+                c.update_one({"_id": key}, {"$unset": {field: ""}})
+        elif roll < 0.6:
+            replacement = document(rng, key)
+            for c in collections:
+                c.replace_one({"_id": key}, replacement, upsert=True)
+        elif roll < 0.7:
+            filter_ = {field: condition(rng, field)}
+            for c in collections:
+                c.delete_many(filter_)
+        else:
+            filter_ = query(rng, 1)
+            update = {"$set": {"event": value(rng, "event"), "flag": rng.random() < 0.5}}
+            for c in collections:
+                c.update_many(filter_, update)
+    return keys
+
+
+@pytest.fixture
+def collections(mongo):
+    client = MongoClient(mongo.uri, serverSelectionTimeoutMS=10_000)
+    db = client[mongo.database]
+    yield db["indexed"], db["plain"]
+    client.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_indexed_and_scanned_answers_agree(collections, seed):
+    indexed, plain = collections
+    rng = random.Random(seed)
+    for keys in INDEXES[:3]:
+        indexed.create_index(keys)  # before the documents: kept up as they are inserted
+    docs = [document(rng, f"p{i:04d}") for i in range(DOCUMENTS)]
+    for c in collections:
+        c.insert_many([dict(d) for d in docs])
+    for keys in INDEXES[3:]:
+        indexed.create_index(keys)  # after them: built from what is stored
+
+    matched = compare(indexed, plain, rng, "after insert", [d["_id"] for d in docs[:100]])
+    assert matched > FILTERS_PER_ROUND // 4, "the filters should match something"
+
+    for round_ in range(3):
+        written = write(collections, rng)
+        compare(indexed, plain, rng, f"after writes {round_}", written)
+
+    indexed.drop_index([("cell", ASCENDING), ("at", ASCENDING)])
+    indexed.create_index([("cell", ASCENDING), ("at", ASCENDING)])
+    written = write(collections, rng)
+    compare(indexed, plain, rng, "after the index was dropped and created again", written)
+    assert indexed.count_documents({}) == plain.count_documents({})
