@@ -130,8 +130,9 @@ def busy_proxy(blob: BlobStorageResource) -> Iterator[BusyProxy]:
 
 
 @pytest.fixture
-def bucket(blob: BlobStorageResource) -> Iterator[str]:
-    """The case's container ``bucket``, without ``missing.jpg``; removed if this test made it."""
+def bucket(blob: BlobStorageResource, unique: str) -> Iterator[str]:
+    """The case's container ``bucket``, without ``missing.jpg``; removed afterwards if this
+    test made it, else only this test's blobs (named ``*-UNIQUE.jpg``) are."""
     with blob.service() as client:
         container = client.get_container_client("bucket")
         try:
@@ -144,9 +145,14 @@ def bucket(blob: BlobStorageResource) -> Iterator[str]:
         except ResourceNotFoundError:
             pass
     yield "bucket"
-    if made:
-        with blob.service() as client:
-            client.delete_container("bucket")
+    with blob.service() as client:
+        container = client.get_container_client("bucket")
+        if made:
+            container.delete_container()
+            return
+        for item in container.list_blobs():
+            if item.name.endswith(f"-{unique}.jpg"):
+                container.delete_blob(item.name)
 
 
 def test_missing_blob_and_container_are_recorded_and_503_is_retried_not_missing(
