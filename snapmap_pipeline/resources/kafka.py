@@ -482,7 +482,15 @@ class KafkaResource(ConfigurableResource):
         """Create missing topics (name -> partitions); existing ones are left alone."""
         admin = self.admin()
         futures = admin.create_topics(
-            [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items()],
+            [
+                NewTopic(
+                    name,
+                    num_partitions=n,
+                    replication_factor=1,
+                    config={"message.timestamp.after.max.ms": "3600000"},
+                )
+                for name, n in topics.items()
+            ],
             request_timeout=self.timeout_s,
         )
         for name, future in futures.items():

@@ -8,6 +8,8 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from confluent_kafka import KafkaError
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 from dagster import RunRequest, instance_for_test
 
 from snapmap_pipeline.assets.ingest import held_back_before, split_batch
@@ -25,6 +27,19 @@ NEW = (2.3600, 48.8600)  # the correction, published a minute later
 def produce(kafka, topic: str, partition: int, value: bytes, timestamp_ms: int) -> None:
     with kafka.producer() as producer:
         producer.produce(topic, value=value, partition=partition, timestamp=timestamp_ms)
+
+
+def accept_any_producer_timestamp(kafka, topic: str) -> None:
+    """Make ``topic`` take whatever timestamp a producer sets, as a topic created by hand or on
+    a broker older than Kafka 3.6 does: the pipeline's own guard is then all there is."""
+    limit = ConfigEntry(
+        "message.timestamp.after.max.ms",
+        str(2**63 - 1),
+        incremental_operation=AlterConfigOpType.SET,
+    )
+    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[limit])
+    for future in kafka.admin().incremental_alter_configs([resource]).values():
+        future.result(timeout=15)
 
 
 @pytest.mark.parametrize("first_applied", ["newer", "older"])
@@ -159,6 +174,7 @@ def test_a_producer_timestamp_in_the_future_is_dead_lettered_and_outranks_nothin
     taken = "2026-05-01T12:00:00Z"
     year_2100 = int(datetime(2100, 1, 1, tzinfo=UTC).timestamp() * 1000)
     now = int(time.time() * 1000)
+    accept_any_producer_timestamp(kafka, topic)
     produce(kafka, topic, 0, upload("edited", taken, *OLD), year_2100)
     produce(kafka, topic, 0, upload("edited", taken, *NEW), now)
     produce(kafka, topic, 1, upload("stamped-2100", taken, *MID), year_2100)
@@ -198,6 +214,7 @@ def test_a_range_read_again_later_keeps_a_future_stamped_message_dead_lettered(
     topic = settings.uploads_topic
     taken = "2026-05-01T12:00:00Z"
     ahead = datetime.now(UTC) + timedelta(hours=2)
+    accept_any_producer_timestamp(kafka, topic)
     produce(kafka, topic, 0, upload("edited", taken, *NEW), T0)
     produce(kafka, topic, 0, upload("edited", taken, *OLD), int(ahead.timestamp() * 1000))
     with instance_for_test() as instance:
@@ -217,3 +234,21 @@ def test_a_range_read_again_later_keeps_a_future_stamped_message_dead_lettered(
     # Without the record of the first read's outcome the later read would apply it.
     valid, rejected = split_batch(messages, blob, topic_id, later)
     assert not rejected and valid["edited"][1]["offset"] == 1
+
+
+def test_a_topic_the_pipeline_creates_refuses_a_producer_timestamp_hours_ahead(settings, kafka):
+    """The broker's own guard (Kafka 3.6+): ``ensure_topics`` sets
+    ``message.timestamp.after.max.ms`` to an hour, so such a message never reaches the log."""
+    outcomes: list[KafkaError | None] = []
+    ahead = int((datetime.now(UTC) + timedelta(hours=3)).timestamp() * 1000)
+    with kafka.producer() as producer:
+        producer.produce(
+            settings.uploads_topic,
+            value=upload("ahead", "2026-05-01T12:00:00Z", *NEW),
+            partition=0,
+            timestamp=ahead,
+            on_delivery=lambda error, _message: outcomes.append(error),
+        )
+        producer.flush(15)
+    assert len(outcomes) == 1 and outcomes[0] is not None, outcomes
+    assert outcomes[0].code() == KafkaError.INVALID_TIMESTAMP, outcomes[0]
