@@ -115,7 +115,7 @@ def test_16_a_batch_slower_than_max_poll_interval_is_applied_once(
     run works, the next messages are planned and applied right after, and a redelivery of the
     slow batch changes nothing.
 
-    Seen failing with event ids drawn at random per recluster (``store.recluster.event_id_for``
+    Seen failing with event ids drawn at random (``clustering.engine.event_id_for``
     patched): the redelivery moves ``slow-1`` to another event."""
     slow_kafka = ShortPollInterval(**kafka.model_dump())
     resources = {**resources, "kafka": slow_kafka}
