@@ -1,4 +1,5 @@
-"""Asset checks: the sweeper's consistency checks and the remediation of orphan photos."""
+"""Asset checks: the sweeper's consistency checks and the remediation of orphan photos
+(``sweeper.py``), and the blocking check of each ingest run (``batch_links.py``)."""
 
 from snapmap_pipeline.checks.sweeper import SWEEPER_CHECKS, sweeper_job, sweeper_schedule
 

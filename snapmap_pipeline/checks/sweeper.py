@@ -34,14 +34,14 @@ from dagster import (
 from pymongo.database import Database
 
 from snapmap_pipeline.assets.backfill import apply_all_links, publish_all
-from snapmap_pipeline.assets.events import events, photo_event_links, with_original_bytes
+from snapmap_pipeline.assets.events import events, photo_event_links
 from snapmap_pipeline.contract.storage_url import StorageUrlError
 from snapmap_pipeline.jobs import SWEEPER_JOB_NAME
 from snapmap_pipeline.resources.blob import BlobStorageResource, redact
 from snapmap_pipeline.resources.kafka import KafkaResource
 from snapmap_pipeline.resources.mongo import MongoResource
 from snapmap_pipeline.settings import PipelineSettings
-from snapmap_pipeline.store.dead_letters import DeadLetter, send_dead_letters
+from snapmap_pipeline.store.dead_letters import DeadLetter, send_dead_letters, with_original_bytes
 from snapmap_pipeline.store.lease import clustering_lease
 from snapmap_pipeline.store.photos import orphan_ids
 from snapmap_pipeline.store.poison import recluster_isolating_poison
