@@ -436,14 +436,32 @@ class KafkaResource(ConfigurableResource):
                 delay = min(delay * 2, 2.0)
 
     def commit_offset(self, topic: str, partition: int, next_offset: int) -> None:
-        """Commit ``next_offset`` for the consumer group, synchronously."""
+        """Commit ``next_offset`` for the consumer group, synchronously.
+
+        The pipeline commits as a client outside the group (it never subscribes). The broker
+        refuses such commits while any consumer is a member of the group, so another consumer
+        subscribed with the pipeline's group id stops every commit until it leaves; that is
+        raised with its cause named (nothing is lost: the run fails and is retried)."""
         with self.consumer() as consumer:
-            self._retrying(
-                f"commit {topic}/{partition}@{next_offset}",
-                lambda: consumer.commit(
-                    offsets=[TopicPartition(topic, partition, next_offset)], asynchronous=False
-                ),
-            )
+            try:
+                self._retrying(
+                    f"commit {topic}/{partition}@{next_offset}",
+                    lambda: consumer.commit(
+                        offsets=[TopicPartition(topic, partition, next_offset)],
+                        asynchronous=False,
+                    ),
+                )
+            except KafkaUnavailable as failed:
+                cause = failed.__cause__
+                code = cause.args[0].code() if isinstance(cause, KafkaException) else None
+                if code in (KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION):
+                    raise KafkaUnavailable(
+                        f"commit {topic}/{partition}@{next_offset} refused: consumer group "
+                        f"{self.consumer_group!r} has active members (another consumer "
+                        "subscribed with the pipeline's group id); offsets are committed again "
+                        "once it leaves, and no other consumer may use this group id"
+                    ) from cause
+                raise
 
     def read_range(self, offsets: OffsetRange) -> tuple[list[Message], int]:
         """Read exactly ``offsets`` with assign + seek, so a re-executed run reads the same

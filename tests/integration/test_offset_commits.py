@@ -4,12 +4,14 @@ together (the commit is read, walked and written under the partition's offsets l
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from confluent_kafka import Consumer
 from pymongo import MongoClient
 
-from snapmap_pipeline.resources.kafka import KafkaResource
+from snapmap_pipeline.resources.kafka import KafkaResource, KafkaUnavailable
 from snapmap_pipeline.store.batches import commit_contiguous
 from snapmap_pipeline.store.lease import offsets_lease_id
 from tests.conftest import stack_setting
@@ -109,3 +111,34 @@ def test_a_run_that_lost_its_offsets_lease_does_not_commit(kafka, mongo, setting
     )
     assert commit_contiguous(db, kafka, topic, 0) == 10
     assert committed(kafka, topic) == {0: 10}
+
+
+def test_a_consumer_subscribed_with_the_pipelines_group_blocks_commits_with_its_cause_named(
+    kafka, settings
+):
+    """The pipeline commits from outside its group; the broker refuses that while another
+    consumer is a member (UNKNOWN_MEMBER_ID). The error says so, and commits work again once
+    that consumer leaves."""
+    publish(kafka, settings.uploads_topic, [b"{}"] * 3, partition=0)
+    intruder = Consumer(
+        {
+            "bootstrap.servers": kafka.bootstrap_servers,
+            "group.id": kafka.consumer_group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    try:
+        intruder.subscribe([settings.uploads_topic])
+        deadline = time.monotonic() + 60
+        while not intruder.assignment() and time.monotonic() < deadline:
+            intruder.poll(0.5)
+        assert intruder.assignment(), "the subscribed consumer never joined its group"
+
+        with pytest.raises(KafkaUnavailable, match="has active members"):
+            kafka.commit_offset(settings.uploads_topic, 0, 1)
+    finally:
+        intruder.close()
+
+    kafka.commit_offset(settings.uploads_topic, 0, 1)
+    assert committed(kafka, settings.uploads_topic)[0] == 1
