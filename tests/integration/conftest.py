@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
+from azure.core.exceptions import AzureError, ResourceNotFoundError
 from pymongo import MongoClient
 
 from snapmap_pipeline.resources.blob import BlobStorageResource
@@ -12,6 +14,8 @@ from snapmap_pipeline.resources.kafka import KafkaResource
 from snapmap_pipeline.resources.mongo import MongoResource
 from snapmap_pipeline.settings import PipelineSettings
 from tests.conftest import drop_topics, stack_setting
+
+log = logging.getLogger(__name__)
 
 
 @pytest.fixture
@@ -53,11 +57,20 @@ def mongo(unique: str) -> Iterator[MongoResource]:
 
 
 @pytest.fixture
-def blob(unique: str) -> BlobStorageResource:
-    return BlobStorageResource(
+def blob(unique: str) -> Iterator[BlobStorageResource]:
+    resource = BlobStorageResource(
         connection_string=stack_setting("AZURE_STORAGE_CONNECTION_STRING"),
         manifest_container=f"manifests-{unique}",
     )
+    yield resource
+    # Left behind, every test's manifests would stay in Azurite's store for the stack's life.
+    try:
+        with resource.service() as client:
+            client.delete_container(resource.manifest_container)
+    except ResourceNotFoundError:
+        pass  # the test wrote no manifest, or removed its container itself
+    except AzureError as error:  # a stopped Azurite must not hide the test's own result
+        log.warning("could not delete container %s: %s", resource.manifest_container, error)
 
 
 @pytest.fixture
