@@ -115,6 +115,12 @@ def event_updates(
     db = mongo.db()
     published = publish_pending(db, kafka, settings.event_updates_topic)
     manifests = write_pending_manifests(db, blob)
+    if manifests.busy:
+        context.log.info(
+            "another pass held the manifests lease throughout the wait; %d manifests stay "
+            "pending for it, the next run or the sweep",
+            manifests.manifests_pending,
+        )
     if manifests.storage_error:
         context.log.warning(
             "Blob Storage failed (%s); %d manifests still pending, the next run or sweep "
