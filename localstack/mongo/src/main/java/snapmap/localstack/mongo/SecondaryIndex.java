@@ -51,7 +51,8 @@ import de.bwaldvogel.mongo.bson.ObjectId;
  * <p>The entries live in memory only. The index's description is stored by the library with
  * the collection's other indexes, and when the server opens a store the library adds the index
  * to its collection again, which fills an empty index from every document (as it does for a
- * new index): one scan per index at start. Memory: about 100 bytes per document and index.
+ * new index): one scan per index at start. Memory: roughly 100 bytes per document and index
+ * (an estimate from the structures used, not measured).
  *
  * <p>Every method that reads or changes the entries holds this object's monitor, because the
  * library counts documents without the collection's monitor.
