@@ -57,8 +57,17 @@ class IngestedBatch:
 
 
 def published_at(message: Message) -> datetime | None:
+    """The message's Kafka timestamp; None when it has none. A timestamp past the year 9999
+    (which no datetime holds) is from a broken clock: ``InvalidUpload``."""
     kind, millis = message.timestamp()
-    return datetime.fromtimestamp(millis / 1000, UTC) if kind and millis > 0 else None
+    if not kind or millis <= 0:
+        return None
+    try:
+        return datetime.fromtimestamp(millis / 1000, UTC)
+    except (ValueError, OverflowError, OSError):
+        raise InvalidUpload(
+            PUBLISH_TIME_IN_FUTURE, f"Kafka timestamp {millis} ms is after the year 9999"
+        ) from None
 
 
 def producer_set_time(message: Message) -> datetime | None:
@@ -108,7 +117,6 @@ def split_batch(
     valid: list[tuple[PhotoUpload, dict, datetime | None]] = []
     rejected: list[DeadLetter] = []
     for message in messages:
-        sent_at = published_at(message)
         source = {
             "topic": message.topic(),
             "partition": message.partition(),
@@ -122,6 +130,7 @@ def split_batch(
                     "dead-lettered when first read for a Kafka timestamp in the future; a "
                     "re-read keeps that outcome",
                 )
+            sent_at = published_at(message)
             check_publish_time(producer_set_time(message), read_at)
             upload = validate_upload(message.value(), policy, sent_at)
         except InvalidUpload as invalid:

@@ -206,6 +206,36 @@ def test_a_producer_timestamp_in_the_future_is_dead_lettered_and_outranks_nothin
         assert account.ok and account.pending == 0 and committed[partition] == end, account
 
 
+def test_a_timestamp_past_the_year_9999_is_dead_lettered_not_a_crash(
+    resources, settings, kafka, mongo
+):
+    """Found by a breaker: a producer timestamp no datetime holds (the year 10000, 2**62 ms)
+    raised ValueError in the ingest step, so every run of its range failed, the rest of the
+    batch was never validated and the partition never committed again."""
+    topic = settings.uploads_topic
+    taken = "2026-05-01T12:00:00Z"
+    accept_any_producer_timestamp(kafka, topic)
+    year_10000 = int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp() * 1000) + 1000
+    produce(kafka, topic, 0, upload("far", taken, *OLD), year_10000)
+    produce(kafka, topic, 0, upload("farther", taken, *MID), 2**62)
+    produce(kafka, topic, 0, upload("fine", taken, *NEW), int(time.time() * 1000))
+
+    with instance_for_test() as instance:
+        Harness(instance, resources).drain()
+
+    db = mongo.db()
+    assert db.photos.find_one({"_id": "fine"})["eventId"] is not None
+    assert db.photos.count_documents({"_id": {"$in": ["far", "farther"]}}) == 0
+    letters = {d["offset"]: d for d in db.dead_letters.find({})}
+    assert set(letters) == {0, 1}
+    assert {d["code"] for d in letters.values()} == {"publish_time_in_future"}
+    assert "after the year 9999" in letters[1]["reason"]
+    with kafka.consumer() as consumer:
+        committed = kafka.committed(consumer, topic, [0])
+    account = account_partition(db, topic, 0, 0, 3, committed[0])
+    assert account.ok and account.pending == 0 and committed[0] == 3, account
+
+
 def test_a_range_read_again_later_keeps_a_future_stamped_message_dead_lettered(
     resources, settings, kafka, mongo, blob
 ):
