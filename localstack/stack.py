@@ -695,7 +695,13 @@ class Kafka(Service):
         from confluent_kafka.admin import AdminClient, NewTopic
 
         admin = self._admin(AdminClient)  # must outlive the futures it hands out
-        new = [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics]
+        # As the pipeline creates its topics (KafkaResource.ensure_topics): the broker refuses a
+        # producer timestamp more than an hour ahead.
+        limit = {"message.timestamp.after.max.ms": "3600000"}
+        new = [
+            NewTopic(name, num_partitions=n, replication_factor=1, config=limit)
+            for name, n in topics
+        ]
         for name, future in admin.create_topics(new, request_timeout=15).items():
             try:
                 future.result(timeout=30)
