@@ -232,20 +232,22 @@ class KafkaResource(ConfigurableResource):
         config.update({k: v for k, v in optional.items() if v})
         return config
 
+    def consumer_config(self) -> dict[str, Any]:
+        """The configuration of ``consumer``'s consumers."""
+        return {
+            **self._base_config(),
+            "group.id": self.consumer_group,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            # An offset deleted by retention must be noticed, never skipped silently.
+            "auto.offset.reset": "error",
+            "enable.partition.eof": True,
+        }
+
     @contextmanager
     def consumer(self) -> Iterator[Consumer]:
         """A consumer for explicit reads: it never stores or commits offsets by itself."""
-        consumer = Consumer(
-            {
-                **self._base_config(),
-                "group.id": self.consumer_group,
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                # An offset deleted by retention must be noticed, never skipped silently.
-                "auto.offset.reset": "error",
-                "enable.partition.eof": True,
-            }
-        )
+        consumer = Consumer(self.consumer_config())
         try:
             yield consumer
         finally:

@@ -32,24 +32,11 @@ class ShortPollInterval(KafkaResource):
     """The pipeline's Kafka resource with the case's ``max.poll.interval.ms=10000`` (and a
     session timeout below it, as librdkafka requires) on every consumer it creates."""
 
-    @contextmanager
-    def consumer(self) -> Iterator[Consumer]:
-        consumer = Consumer(
-            {
-                **self._base_config(),
-                "group.id": self.consumer_group,
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "error",
-                "enable.partition.eof": True,
-                "max.poll.interval.ms": 10_000,
-                "session.timeout.ms": 6_000,
-            }
-        )
-        try:
-            yield consumer
-        finally:
-            consumer.close()
+    def consumer_config(self) -> dict:
+        return super().consumer_config() | {
+            "max.poll.interval.ms": 10_000,
+            "session.timeout.ms": 6_000,
+        }
 
 
 class NeverClosesThenCrashes(KafkaResource):
@@ -58,16 +45,7 @@ class NeverClosesThenCrashes(KafkaResource):
 
     @contextmanager
     def consumer(self) -> Iterator[Consumer]:
-        consumer = Consumer(
-            {
-                **self._base_config(),
-                "group.id": self.consumer_group,
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "error",
-                "enable.partition.eof": True,
-            }
-        )
+        consumer = Consumer(self.consumer_config())
         LEAKED.append(consumer)
         yield consumer
 

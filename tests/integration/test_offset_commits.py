@@ -33,17 +33,20 @@ class SlowCommit(KafkaResource):
         super().commit_offset(topic, partition, next_offset)
 
 
-def applied(db, topic: str, first: int, last: int) -> None:
-    db.batches.insert_one(
-        {
-            "_id": f"{topic}/0/{first}-{last}",
-            "topic": topic,
-            "partition": 0,
-            "first": first,
-            "last": last,
-            "status": "applied",
-        }
-    )
+def applied(db, topic: str, first: int, last: int, topic_id: str | None = None) -> None:
+    """An applied batch record of partition 0; without ``topic_id``, as written before topic
+    ids were recorded."""
+    document = {
+        "_id": f"{topic}/0/{first}-{last}",
+        "topic": topic,
+        "partition": 0,
+        "first": first,
+        "last": last,
+        "status": "applied",
+    }
+    if topic_id is not None:
+        document["topicId"] = topic_id
+    db.batches.insert_one(document)
 
 
 def test_a_slow_commit_finishing_last_does_not_move_the_offset_back(kafka, mongo, settings):

@@ -16,6 +16,7 @@ from snapmap_pipeline.store.batches import commit_contiguous
 from tests.conftest import stack_setting
 from tests.integration.pipeline import Harness, photo_events, publish, upload
 from tests.integration.test_ingestion import committed
+from tests.integration.test_offset_commits import applied
 
 pytestmark = [pytest.mark.kafka, pytest.mark.storage]
 
@@ -80,21 +81,6 @@ class BatchUpdates(monitoring.CommandListener):
         pass
 
 
-def record(db, topic: str, first: int, last: int, topic_id: str | None = None) -> None:
-    """An applied batch record; without ``topic_id``, as written before ids were recorded."""
-    document = {
-        "_id": f"{topic}/0/{first}-{last}",
-        "topic": topic,
-        "partition": 0,
-        "first": first,
-        "last": last,
-        "status": "applied",
-    }
-    if topic_id is not None:
-        document["topicId"] = topic_id
-    db.batches.insert_one(document)
-
-
 def test_pre_upgrade_records_are_stamped_once_and_committed(kafka, mongo, settings):
     topic = settings.uploads_topic
     publish(kafka, topic, [b"{}"] * 15, partition=0)
@@ -105,15 +91,15 @@ def test_pre_upgrade_records_are_stamped_once_and_committed(kafka, mongo, settin
     )
     try:
         db = client[mongo.database]
-        record(db, topic, 0, 4)
-        record(db, topic, 5, 9)
+        applied(db, topic, 0, 4)
+        applied(db, topic, 5, 9)
 
         assert commit_contiguous(db, kafka, topic, 0) == 10
         assert committed(kafka, topic) == {0: 10}
         assert {d.get("topicId") for d in db.batches.find()} == {topic_id}
         assert updates.count == 1
 
-        record(db, topic, 10, 14, topic_id)
+        applied(db, topic, 10, 14, topic_id)
         assert commit_contiguous(db, kafka, topic, 0) == 15
         assert committed(kafka, topic) == {0: 15}
         # Before: every commit sent the stamping update (a scan of batches) again.
