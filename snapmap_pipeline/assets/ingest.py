@@ -25,6 +25,10 @@ from snapmap_pipeline.store.photos import newest_per_photo, upsert_uploads
 
 OWNERS = ["team:data-engineering"]
 
+# Dagster's run tag that caps a run's automatic retries (run_retries in dagster.yaml); 0 means
+# the run is never retried, whatever the instance's max_retries.
+MAX_RETRIES_TAG = "dagster/max_retries"
+
 
 class OffsetRangeConfig(Config):
     """The micro-batch: offsets first..last (inclusive) of one partition of the topic with
@@ -161,16 +165,26 @@ def moved_events(
     return sorted(moved)
 
 
-def of_current_topic(offsets: OffsetRange, kafka: KafkaResource) -> OffsetRange:
+def of_current_topic(
+    context: AssetExecutionContext, offsets: OffsetRange, kafka: KafkaResource
+) -> OffsetRange:
     """``offsets`` with the topic's current id; raises ``TopicRecreated`` when the range was
     planned on a topic that has since been deleted and created again under the same name
     (reading it would apply the new topic's messages as the old range's: the sensor plans
-    the new topic's offsets itself)."""
+    the new topic's offsets itself).
+
+    Before raising, the run is tagged so that Dagster's run retries leave it alone: the
+    range's messages are gone, and each retry would only fail again while its partition
+    waits."""
     current = kafka.topic_id(offsets.topic)
     if offsets.topic_id is not None and offsets.topic_id != current:
+        context.instance.add_run_tags(
+            context.run_id, {MAX_RETRIES_TAG: "0", "snapmap/topic_recreated": current}
+        )
         raise TopicRecreated(
             f"{offsets.key}: {offsets.topic} was deleted and created again (its id is now "
-            f"{current}); the range's messages are gone, so this run cannot apply them"
+            f"{current}); the range's messages are gone, so this run cannot apply them and "
+            "is tagged not to be retried"
         )
     return replace(offsets, topic_id=current)
 
@@ -193,11 +207,11 @@ def photo_uploads(
     blob: BlobStorageResource,
     settings: PipelineSettings,
 ) -> Output[IngestedBatch]:
-    offsets = of_current_topic(config.offsets(), kafka)
+    offsets = of_current_topic(context, config.offsets(), kafka)
     messages, lost = kafka.read_range(offsets)
     read_at = datetime.now(UTC)
     # Deleted and created again while this run read: the messages may be the new topic's.
-    of_current_topic(offsets, kafka)
+    of_current_topic(context, offsets, kafka)
     if lost:
         context.log.warning(
             "%d offsets of %s were deleted by retention before this run read them",

@@ -29,7 +29,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, NewTopic
-from dagster import ConfigurableResource, DagsterInstance, InitResourceContext
+from dagster import ConfigurableResource
 from pydantic import Field, PrivateAttr
 
 T = TypeVar("T")
@@ -37,10 +37,6 @@ _log = logging.getLogger(__name__)
 
 # librdkafka's value for "no offset committed for this group and partition".
 _OFFSET_INVALID = -1001
-
-# Dagster's run tag that caps a run's automatic retries (run_retries in dagster.yaml); 0 means
-# the run is never retried, whatever the instance's max_retries.
-MAX_RETRIES_TAG = "dagster/max_retries"
 
 # The group coordinator is moving or loading (a broker restart, a leader change of the offsets
 # topic): it answers again within seconds, so these get ``coordinator_retry_s``, not
@@ -128,17 +124,6 @@ class TopicMissing(KafkaUnavailable):
 
 
 @dataclass(frozen=True)
-class RunOfRange:
-    """The ingest run a resource serves: where to tag it, and the topic id it was planned on
-    (its ``snapmap/topic`` and ``snapmap/topic_id`` tags)."""
-
-    instance: DagsterInstance
-    run_id: str
-    topic: str
-    planned_topic_id: str
-
-
-@dataclass(frozen=True)
 class OffsetRange:
     """Offsets ``first`` to ``last`` inclusive of one topic partition: one micro-batch.
 
@@ -198,19 +183,6 @@ class KafkaResource(ConfigurableResource):
     _admin_client: AdminClient | None = PrivateAttr(default=None)
     _admin_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _topic_ids: dict[str, str] = PrivateAttr(default_factory=dict)
-    _run: RunOfRange | None = PrivateAttr(default=None)
-
-    def setup_for_execution(self, context: InitResourceContext) -> None:
-        """Remember the ingest run this instance serves (if any), so that a run planned on a
-        topic since deleted can tell Dagster not to retry it (see ``topic_id``)."""
-        self._admin_client = None
-        self._topic_ids = {}
-        run = context.dagster_run
-        tags = run.tags if run is not None else {}
-        topic, planned = tags.get("snapmap/topic"), tags.get("snapmap/topic_id")
-        self._run = None
-        if run is not None and context.instance is not None and topic and planned:
-            self._run = RunOfRange(context.instance, run.run_id, topic, planned)
 
     def _base_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -325,11 +297,7 @@ class KafkaResource(ConfigurableResource):
         """The broker's id of ``topic``, as ``kafka-topics.sh --describe`` prints it (URL-safe
         base64 of its UUID), asked now (one describe round trip). A topic deleted and created
         again under the same name gets a new id; the id is how the sensor and the offset
-        commit tell the two apart. Raises ``TopicMissing`` when the topic does not exist.
-
-        In an ingest run planned on another id of this topic, the run is also tagged so that
-        Dagster's run retries leave it alone: the range's messages are gone, and each retry
-        would only fail again while its partition waits."""
+        commit tell the two apart. Raises ``TopicMissing`` when the topic does not exist."""
         admin = self.admin()
         try:
             future = admin.describe_topics(
@@ -348,9 +316,6 @@ class KafkaResource(ConfigurableResource):
         # librdkafka prints the standard alphabet; Kafka's tools print the URL-safe one.
         current = str(description.topic_id).replace("+", "-").replace("/", "_")
         self._topic_ids[topic] = current
-        run = self._run
-        if run is not None and run.topic == topic and run.planned_topic_id != current:
-            self._stop_retries(run, current)
         return current
 
     def known_topic_id(self, topic: str) -> str:
@@ -358,20 +323,6 @@ class KafkaResource(ConfigurableResource):
         whose result a fresh ``topic_id`` check guards later, as the offset commit does."""
         known = self._topic_ids.get(topic)
         return known if known is not None else self.topic_id(topic)
-
-    @staticmethod
-    def _stop_retries(run: RunOfRange, current: str) -> None:
-        _log.error(
-            "%s was deleted and created again (its id is now %s, this run was planned on %s): "
-            "the run can never apply its range and is not to be retried",
-            run.topic,
-            current,
-            run.planned_topic_id,
-        )
-        run.instance.add_run_tags(
-            run.run_id,
-            {MAX_RETRIES_TAG: "0", "snapmap/topic_recreated": current},
-        )
 
     def watermarks(self, consumer: Consumer, topic: str, partition: int) -> Watermarks:
         try:
