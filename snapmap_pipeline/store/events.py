@@ -128,9 +128,10 @@ def apply_pending_links(
 
     A photo only takes a decision whose token is newer than the one it last took, so a slow
     link step can never undo a newer decision. The photos' tokens are read and the writes made
-    under the clustering lease, by ``_id`` only (a token condition in the filter would be a
-    collection scan per photo on the local server). ``take_lease=False`` is for a caller that
-    already holds it (the lease is not re-entrant). Returns (photos changed, decisions applied).
+    under the clustering lease, so no other run links a photo in between: the tokens are
+    compared on the read, and the writes filter by ``_id`` alone. ``take_lease=False`` is for a
+    caller that already holds it (the lease is not re-entrant). Returns (photos changed,
+    decisions applied).
     """
     pending = list(db.pending_links.find({}).sort("token", 1).limit(limit))
     if not pending:

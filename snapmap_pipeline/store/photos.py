@@ -58,8 +58,9 @@ def upsert_uploads(
     the stored version (or than another message of ``uploads`` about the same photo) is not
     applied (a replay of an old range cannot bring back a photo's old location). The versions
     are read and the writes made under the clustering lease, so no other run writes a photo in
-    between; every query is by ``_id`` (a filter on the version as well would be a collection
-    scan on the local server). Returns the number of documents created or modified.
+    between: the versions are compared on the read, and the writes filter by ``_id`` alone (a
+    version condition in an upsert's filter would also make a superseded photo's upsert an
+    insert of an ``_id`` that exists). Returns the number of documents created or modified.
     """
     if not uploads:
         return 0
