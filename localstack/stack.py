@@ -14,7 +14,7 @@ Usage:
     python localstack/stack.py down | status | wipe [--all]    (same selection options)
     python localstack/stack.py start NAME... | stop NAME...
     python localstack/stack.py logs [NAME] [-n LINES] [-f]
-    python localstack/stack.py env          # export lines; eval "$(... env)"
+    python localstack/stack.py env [--where]  # export lines; eval "$(... env)"
 
 `up` installs what is missing on first use (Maven, npm, the mongo install script), starts
 every selected server detached and waits, with a time limit, until each one answers a
@@ -1368,6 +1368,23 @@ def format_env(cfg: Config) -> str:
     )
 
 
+def describe_env(cfg: Config) -> str:
+    """One line for a person: the stack folder and the server addresses that ``format_env``'s
+    settings point at, saying so when they are the defaults (a shell without SNAPMAP_STACK_DIR
+    and SNAPMAP_*_PORT: easy to miss when a stack runs elsewhere)."""
+    servers = ", ".join(
+        f"{name} {HOST}:{port}"
+        for name, port in (
+            ("kafka", cfg.kafka_port),
+            ("mongo", cfg.mongo_port),
+            ("azurite", cfg.azurite_port),
+            ("postgres", cfg.postgres_port),
+        )
+    )
+    default = " (the default folder and ports)" if cfg == Config.from_env({}) else ""
+    return f"stack: settings for the stack in {cfg.root}: {servers}{default}"
+
+
 def cmd_wipe(cfg: Config, services: list[Service], everything: bool) -> int:
     if not cfg.root.exists():
         return 0
@@ -1464,7 +1481,12 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("name", nargs="?", choices=SERVICE_NAMES, metavar="NAME")
     logs.add_argument("-n", "--lines", type=int, default=50)
     logs.add_argument("-f", "--follow", action="store_true")
-    commands.add_parser("env", help="print export lines with the connection settings")
+    env = commands.add_parser("env", help="print export lines with the connection settings")
+    env.add_argument(
+        "--where",
+        action="store_true",
+        help="also write one line to stderr naming the stack folder and the ports",
+    )
     return parser
 
 
@@ -1473,6 +1495,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = Config.from_env(dict(os.environ))
         if args.command == "env":
+            if args.where:
+                print(describe_env(cfg), file=sys.stderr)
             print(format_env(cfg))
             return 0
         if args.command == "logs":

@@ -1,11 +1,18 @@
 # Sourced by the Makefile's targets: the local stack's connection settings, then the pipeline's
 # optional settings with their defaults (kept when already set, e.g. to point at production).
 # Dagster's EnvVar needs every wired variable to exist; an empty value means "not used".
+# Outside production it says on stderr, in one line, which stack folder and ports the settings
+# point at (a new shell without SNAPMAP_STACK_DIR and SNAPMAP_*_PORT gets the default stack);
+# SNAPMAP_QUIET=1 leaves that line out. Standard output stays empty.
 _root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _py="$_root/.venv/bin/python"
 [ -x "$_py" ] || _py=python3
 if [ -z "${SNAPMAP_PRODUCTION:-}" ]; then
-  eval "$("$_py" "$_root/localstack/stack.py" env)"
+  if [ -n "${SNAPMAP_QUIET:-}" ]; then
+    eval "$("$_py" "$_root/localstack/stack.py" env)"
+  else
+    eval "$("$_py" "$_root/localstack/stack.py" env --where)"
+  fi
 fi
 export SNAPMAP_UPLOADS_TOPIC="${SNAPMAP_UPLOADS_TOPIC:-photo-uploads}"
 export SNAPMAP_DEAD_LETTER_TOPIC="${SNAPMAP_DEAD_LETTER_TOPIC:-photo-uploads.dlq}"

@@ -1,0 +1,105 @@
+"""scripts/env.sh and `stack.py env`: sourcing the settings says on stderr which stack folder
+and ports they point at (a new shell without SNAPMAP_STACK_DIR and SNAPMAP_*_PORT silently got
+the default stack), while standard output, which callers eval or parse, is unchanged."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.stack
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Below any usual ephemeral port range, and not the defaults.
+PORTS = {
+    "SNAPMAP_KAFKA_PORT": "18192",
+    "SNAPMAP_KAFKA_CONTROLLER_PORT": "18193",
+    "SNAPMAP_MONGO_PORT": "18117",
+    "SNAPMAP_AZURITE_PORT": "18100",
+    "SNAPMAP_POSTGRES_PORT": "18532",
+}
+
+
+def source_env(**variables: str) -> subprocess.CompletedProcess:
+    """Source scripts/env.sh as scripts/run-tests does (set -euo pipefail) in a shell that has
+    none of the stack's variables, then print two of the settings it exported."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/")}
+    script = (
+        "set -euo pipefail; source scripts/env.sh; "
+        'echo "$KAFKA_BOOTSTRAP_SERVERS ${MONGODB_URI:-unset}"'
+    )
+    return subprocess.run(
+        ["bash", "-c", script],
+        cwd=ROOT,
+        env={**env, **variables},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_new_shell_is_told_it_got_the_default_stack():
+    done = source_env()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "127.0.0.1:29092 mongodb://127.0.0.1:27317/\n"
+    assert done.stderr == (
+        f"stack: settings for the stack in {ROOT / '.stack'}: kafka 127.0.0.1:29092, "
+        "mongo 127.0.0.1:27317, azurite 127.0.0.1:30000, postgres 127.0.0.1:25432 "
+        "(the default folder and ports)\n"
+    )
+
+
+def test_another_stack_is_named_with_its_ports(tmp_path):
+    done = source_env(SNAPMAP_STACK_DIR=str(tmp_path), **PORTS)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "127.0.0.1:18192 mongodb://127.0.0.1:18117/\n"
+    assert done.stderr == (
+        f"stack: settings for the stack in {tmp_path.resolve()}: kafka 127.0.0.1:18192, "
+        "mongo 127.0.0.1:18117, azurite 127.0.0.1:18100, postgres 127.0.0.1:18532\n"
+    )
+
+
+def test_quiet_leaves_the_line_out(tmp_path):
+    done = source_env(SNAPMAP_QUIET="1", SNAPMAP_STACK_DIR=str(tmp_path), **PORTS)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "127.0.0.1:18192 mongodb://127.0.0.1:18117/\n"
+    assert done.stderr == ""
+
+
+def test_production_neither_points_at_a_stack_nor_names_one():
+    done = source_env(SNAPMAP_PRODUCTION="1", KAFKA_BOOTSTRAP_SERVERS="broker.example:9092")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "broker.example:9092 unset\n"
+    assert done.stderr == ""
+
+
+@pytest.mark.parametrize("where", [False, True])
+def test_env_prints_only_export_lines_on_stdout(tmp_path, where):
+    """What `eval` and tests/conftest.py's parser read; the line of ``--where`` goes to stderr
+    only, and plain ``env`` (tests/conftest.py) writes nothing there."""
+    command = [sys.executable, str(ROOT / "localstack" / "stack.py"), "env"]
+    env = {"PATH": os.environ.get("PATH", ""), "SNAPMAP_STACK_DIR": str(tmp_path), **PORTS}
+    done = subprocess.run(
+        command + (["--where"] if where else []),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split("=", 1)[0] for line in lines] == [
+        "export KAFKA_BOOTSTRAP_SERVERS",
+        "export MONGODB_URI",
+        "export MONGODB_DATABASE",
+        "export AZURE_STORAGE_CONNECTION_STRING",
+        "export DAGSTER_POSTGRES_URL",
+    ]
+    assert (done.stderr.count("\n"), str(tmp_path) in done.stderr) == (
+        (1, True) if where else (0, False)
+    )
