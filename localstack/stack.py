@@ -36,6 +36,7 @@ import concurrent.futures
 import fcntl
 import hashlib
 import http.client
+import importlib.util
 import os
 import pwd
 import shlex
@@ -761,7 +762,21 @@ class Azurite(Service):
 
     def _lock_digest(self) -> str:
         package = self.package_dir
-        return file_digest(package / "package.json", package / "package-lock.json")
+        return file_digest(
+            package / "package.json", package / "package-lock.json", package / "lookup_order.py"
+        )
+
+    def _rewrite_lookups(self) -> None:
+        """Azurite 3.35.0's blob lookups scan every blob; see azurite/lookup_order.py."""
+        spec = importlib.util.spec_from_file_location(
+            "azurite_lookup_order", self.package_dir / "lookup_order.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        try:
+            module.apply(self.install_dir)
+        except module.LookupOrderError as exc:
+            raise StackError(f"azurite: {exc}") from exc
 
     def _installed(self) -> bool:
         stamp = self.install_dir / ".lock-sha256"
@@ -793,6 +808,7 @@ class Azurite(Service):
             "azurite: npm install of Azurite",
             cwd=self.install_dir,
         )
+        self._rewrite_lookups()
         (self.install_dir / ".lock-sha256").write_text(self._lock_digest() + "\n")
 
     def prepare(self) -> None:
