@@ -29,6 +29,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--chunk-size", type=int, default=50_000)
+    parser.add_argument(
+        "--rerun", action="store_true", help="also time a second run of each stored day"
+    )
     args = parser.parse_args()
 
     before = machine()
@@ -36,7 +39,7 @@ def main() -> None:
     for size in args.sizes:
         runs = []
         for index in range(args.repeat):
-            run = backfill.one_run(size, args.seed + index, args.chunk_size)
+            run = backfill.one_run(size, args.seed + index, args.chunk_size, rerun=args.rerun)
             print(json.dumps({"photos": size, "run": index + 1, **run}, default=str), flush=True)
             runs.append(run)
         table.append(
@@ -45,6 +48,11 @@ def main() -> None:
                 "backfill_s": median([r["backfill_s"] for r in runs]),
                 "limit_s": median([r["limit"]["total_s"] for r in runs]),
                 "peak_rss_mb": median([r["peak_rss_mb"] for r in runs]),
+                **(
+                    {"rerun_s": median([r["rerun"]["backfill_s"] for r in runs])}
+                    if args.rerun
+                    else {}
+                ),
                 "runs": runs,
             }
         )
@@ -52,7 +60,8 @@ def main() -> None:
     result = {
         "command": "python -m bench.pipeline.growth --sizes "
         + " ".join(str(s) for s in args.sizes)
-        + f" --repeat {args.repeat} --seed {args.seed} --chunk-size {args.chunk_size}",
+        + f" --repeat {args.repeat} --seed {args.seed} --chunk-size {args.chunk_size}"
+        + (" --rerun" if args.rerun else ""),
         "machine_before": before,
         "machine_after": machine(),
         "table": table,
@@ -64,6 +73,10 @@ def main() -> None:
         result["exponent_limit"] = round(
             fitted_exponent(sizes, [row["limit_s"] for row in table]), 3
         )
+        if args.rerun:
+            result["exponent_rerun"] = round(
+                fitted_exponent(sizes, [row["rerun_s"] for row in table]), 3
+            )
         result["exponent_n_log_n"] = round(
             fitted_exponent(sizes, [n * math.log(n) for n in sizes]), 3
         )
