@@ -1511,8 +1511,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = Config.from_env(dict(os.environ))
         if args.command == "env":
-            if args.where:
-                print(describe_env(cfg), file=sys.stderr)
+            # With standard error closed (sys.stderr None, or a write that fails), the line
+            # for a person is left out: the export lines are what the caller evaluates.
+            if args.where and sys.stderr is not None:
+                try:
+                    print(describe_env(cfg), file=sys.stderr, flush=True)
+                except OSError:
+                    pass
             print(format_env(cfg))
             return 0
         if args.command == "logs":

@@ -103,3 +103,22 @@ def test_env_prints_only_export_lines_on_stdout(tmp_path, where):
     assert (done.stderr.count("\n"), str(tmp_path) in done.stderr) == (
         (1, True) if where else (0, False)
     )
+
+
+def test_a_shell_without_stderr_still_gets_the_settings():
+    """A cron job or a daemon may run with standard error closed: the line for a person is
+    then left out, and the settings are exported all the same."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/")}
+    done = subprocess.run(
+        [
+            "bash",
+            "-c",
+            'set -euo pipefail; source scripts/env.sh 2>&-; echo "$KAFKA_BOOTSTRAP_SERVERS"',
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (0, "127.0.0.1:29092\n"), done.stderr
