@@ -351,6 +351,11 @@ class Service:
         """Idempotent setup once the server is ready; returns a note for the user."""
         return ""
 
+    def install_is_current(self) -> bool:
+        """False when the installed software no longer matches its lock or build files; a
+        server still running from it keeps the old software until it is restarted."""
+        return True
+
     def recorded_pid(self) -> list[int] | None:
         """The pid file's fields (pid, start ticks), or None when it is absent or not a pid."""
         try:
@@ -477,6 +482,9 @@ class Kafka(Service):
     def _installed(self) -> bool:
         stamp = self.jars / ".pom-sha256"
         return stamp.is_file() and stamp.read_text().strip() == file_digest(self.pom)
+
+    def install_is_current(self) -> bool:
+        return self._installed()
 
     def install(self) -> None:
         if self._installed():
@@ -765,6 +773,9 @@ class Azurite(Service):
         return file_digest(
             package / "package.json", package / "package-lock.json", package / "lookup_order.py"
         )
+
+    def install_is_current(self) -> bool:
+        return self._installed()
 
     def _rewrite_lookups(self) -> None:
         """Azurite 3.35.0's blob lookups scan every blob; see azurite/lookup_order.py."""
@@ -1172,7 +1183,13 @@ def start_service(svc: Service) -> str:
     pid = svc.running_pid()
     if pid is not None:
         wait_ready(svc, None, pid)
-        note = svc.after_start()
+        notes = [svc.after_start()]
+        if not svc.install_is_current():
+            notes.append(
+                "it runs an older install: `scripts/stack stop` then `scripts/stack up` "
+                "installs and starts the current one"
+            )
+        note = "; ".join(n for n in notes if n)
         return f"{svc.name}: up (pid {pid}) on {svc.address}" + (f"; {note}" if note else "")
 
     svc.install()

@@ -4,14 +4,17 @@ Azurite keeps blob metadata in LokiJS, whose ``find``/``findOne`` use an index o
 first property of a filter object. Azurite 3.35.0 writes its lookups of one blob as
 ``{accountName, containerName, name, ...}``: every blob of the stack's single account shares
 ``accountName``, so each upload, read or properties call scans every blob the emulator holds.
-Its cost per request grows with the number of blobs (5 ms of Azurite CPU per upload at 500
-blobs, 21 ms at 10,000, about 70 ms at 36,000 during a 100,000-photo backfill; see
-BENCHMARKS.md), which makes writing n manifests quadratic on the local stack, unlike the real
-service.
+Its cost per request grows with the number of blobs (8 ms of Azurite CPU per upload at 500
+blobs, 21 ms at 10,000; near 35,000, during a 100,000-photo backfill, uploads slowed to 10 per
+second with Azurite at 100 % of a core; see BENCHMARKS.md), which makes writing n manifests
+quadratic on the local stack, unlike the real service.
 
 Azurite 3.36.0 puts the name first, but it requires Node.js 21 or newer, and the machines this
 stack targets have Node.js 20. So the stack keeps 3.35.0 and, after ``npm ci``, rewrites the
-installed copy's single-blob lookups to name the blob (or the block's blob) first. The filter
+installed copy's ten ``find``/``findOne`` lookups of one blob (or of one blob's blocks) to
+name the blob first. Not rewritten, because the pipeline does not use them: the ``count`` and
+``findAndRemove`` filters of deleting a blob and of committing a block list still start with
+``accountName`` and still scan. The filter
 keeps the same properties and values, so Loki returns the same documents; only the index it
 starts from changes. The rewrite checks the file's digest before and after, so another
 Azurite version is refused loudly instead of being patched blindly.

@@ -103,8 +103,45 @@ def test_the_stacks_azurite_is_rewritten() -> None:
     installed = stack.Config.from_env(dict(os.environ)).lib_dir / "azurite"
     text = (installed / lookup_order.STORE).read_text()
 
-    assert lookup_order.reorder(text)[1] == 0, "a lookup still starts with accountName"
+    assert lookup_order.reorder(text)[1] == 0, (
+        "a lookup still starts with accountName: an Azurite installed before the rewrite is "
+        "reinstalled by `scripts/stack stop` then `scripts/stack up`"
+    )
     name_first = re.findall(
         r"\.find(?:One)?\(\{\n\s+(?:name|blobName): [^\n]+\n\s+accountName", text
     )
     assert len(name_first) == lookup_order.LOOKUPS
+
+
+def test_up_says_when_a_running_azurite_runs_an_older_install(tmp_path: Path) -> None:
+    stack = _load("snapmap_stack_for_azurite", ROOT / "localstack" / "stack.py")
+
+    class RunningAzurite(stack.Azurite):
+        """The stack's Azurite class over an install folder of this test, with a server
+        that is up: `up` must not reinstall under it, only say so."""
+
+        def running_pid(self) -> int:
+            return os.getpid()
+
+        def is_ready(self) -> bool:
+            return True
+
+    config = stack.Config.from_env({"SNAPMAP_STACK_DIR": str(tmp_path)})
+    azurite = RunningAzurite(config)
+    azurite.entry_point.parent.mkdir(parents=True)
+    azurite.entry_point.write_text("")
+    stamp = azurite.install_dir / ".lock-sha256"
+
+    stamp.write_text(azurite._lock_digest() + "\n")
+    assert "older install" not in stack.start_service(azurite)
+
+    # The stamp of an install made before lookup_order.py was part of it.
+    stamp.write_text(
+        stack.file_digest(
+            azurite.package_dir / "package.json", azurite.package_dir / "package-lock.json"
+        )
+        + "\n"
+    )
+    line = stack.start_service(azurite)
+    assert line.startswith(f"azurite: up (pid {os.getpid()})")
+    assert "older install: `scripts/stack stop` then `scripts/stack up`" in line
