@@ -153,7 +153,12 @@ def run_backfill(stack, chunk_size: int, profile: str | None = None) -> dict:
     started = time.perf_counter()
     child = context.Process(target=_child, args=(specs, chunk_size, profile, sender))
     child.start()
-    report = receiver.recv()
+    sender.close()  # the child's copy is the only writer: a child that dies ends the read
+    try:
+        report = receiver.recv()
+    except EOFError:
+        child.join()
+        raise RuntimeError(f"backfill child exited with {child.exitcode}, no report") from None
     child.join()
     report["launch_to_exit_s"] = time.perf_counter() - started
     if child.exitcode != 0:
