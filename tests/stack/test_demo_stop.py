@@ -152,3 +152,54 @@ def test_ctrl_c_stops_dagster_within_seconds(project):
                 os.killpg(fake_pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_ctrl_c_stops_dagster_when_the_demo_output_pipe_is_gone(project):
+    """`scripts/demo ... | tee demo.log`, then Ctrl-C: the terminal's SIGINT reaches tee too,
+    which exits first, so every line the demo's cleanup writes meets a closed pipe. A write to
+    it must not end the cleanup before Dagster is stopped."""
+    root, home = project
+    read_end, write_end = os.pipe()
+    demo = subprocess.Popen(
+        ["scripts/demo", "replay", "--keep-running", "--port", str(free_port())],
+        cwd=root,
+        stdout=write_end,
+        stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    os.close(write_end)
+    fake_pid = None
+    try:
+        seen = b""
+        deadline = time.monotonic() + 60
+        while b"press Ctrl-C" not in seen:
+            assert time.monotonic() < deadline, seen.decode(errors="replace")
+            chunk = os.read(read_end, 4096)
+            assert chunk, "the demo ended before --keep-running:\n" + seen.decode()
+            seen += chunk
+        fake_pid = int((home / "fake-dagster.pid").read_text())
+        os.close(read_end)  # tee is gone
+        read_end = None
+        demo.send_signal(signal.SIGINT)
+        demo.wait(30)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.kill(fake_pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("Dagster was still running 20 s after the demo's Ctrl-C")
+        assert not (home / "demo-dagster.pid").exists()
+    finally:
+        if read_end is not None:
+            os.close(read_end)
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        if fake_pid is not None:
+            try:
+                os.killpg(fake_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
