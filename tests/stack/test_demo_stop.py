@@ -85,6 +85,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def end_leftovers(demo: subprocess.Popen, fake_pid: int | None) -> None:
+    """Whatever of this test's demo and stand-in Dagster is still running, ended by pid."""
+    if demo.poll() is None:
+        demo.kill()
+        demo.wait()
+    if fake_pid is not None:
+        try:
+            os.killpg(fake_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.fixture
 def project(tmp_path):
     """A copy of scripts/demo beside stand-ins for everything it starts."""
@@ -144,14 +156,7 @@ def test_ctrl_c_stops_dagster_within_seconds(project):
         log = (home / "demo-dagster.log").read_text()
         assert "fake dagster: interrupted, stopping" in log
     finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait()
-        if fake_pid is not None:
-            try:
-                os.killpg(fake_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        end_leftovers(demo, fake_pid)
 
 
 def test_ctrl_c_stops_dagster_when_the_demo_output_pipe_is_gone(project):
@@ -195,11 +200,4 @@ def test_ctrl_c_stops_dagster_when_the_demo_output_pipe_is_gone(project):
     finally:
         if read_end is not None:
             os.close(read_end)
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait()
-        if fake_pid is not None:
-            try:
-                os.killpg(fake_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        end_leftovers(demo, fake_pid)
