@@ -8,9 +8,11 @@ and at the end; point it only at a server of your own) with the indexes of
 ``snapmap_pipeline/store/schema.py``, then times, ``--repeat`` times each (the median is
 printed), the query shapes of ``snapmap_pipeline/store``: albums by ``eventId $in``, a
 recluster neighbourhood (``$or`` of ``cell $in`` plus a ``takenAt`` range), one hour of
-``takenAt``, pending flags sorted by ``_id`` with a limit, and the sweeper's ``uploadedAt``
-range. Run it against a server with ``-Dsnapmap.mongo.secondaryIndexes=library`` and one
-without to compare; each answer's size is printed too, and must be the same on both.
+``takenAt``, the backfill's day pages (the whole day sorted by ``(takenAt, _id)``, limit
+50,000: the first page, and one from noon), pending flags sorted by ``_id`` with a limit, and
+the sweeper's ``uploadedAt`` range. Run it against a server with
+``-Dsnapmap.mongo.secondaryIndexes=library`` and one without to compare; each answer's size is
+printed too, and must be the same on both.
 """
 
 from __future__ import annotations
@@ -66,14 +68,17 @@ def load(db, photos: int) -> None:
 
 
 def shapes(photos: int) -> dict:
+    """Per shape: collection, filter, sort and limit (0: none)."""
     rng = random.Random(11)
     events = int(photos * EVENTS_PER_PHOTO)
     hour = DAY + timedelta(hours=13)
+    day = {"takenAt": {"$gte": DAY, "$lt": DAY + timedelta(days=1)}}
     return {
         "albums: eventId $in 1,000": (
             "photos",
             {"eventId": {"$in": [f"e{rng.randrange(events):07d}" for _ in range(1000)]}},
             None,
+            0,
         ),
         "neighbourhood: $or of cell $in + takenAt range": (
             "photos",
@@ -87,21 +92,47 @@ def shapes(photos: int) -> dict:
                 ]
             },
             None,
+            0,
         ),
         "one hour of takenAt, sorted": (
             "photos",
             {"takenAt": {"$gte": hour, "$lt": hour + timedelta(hours=1)}},
             [("takenAt", 1), ("_id", 1)],
+            0,
+        ),
+        "day page 1: whole day sorted, limit 50,000": (
+            "photos",
+            day,
+            [("takenAt", 1), ("_id", 1)],
+            50_000,
+        ),
+        "day page from noon: $and with $or after the last photo, limit 50,000": (
+            "photos",
+            {
+                "$and": [
+                    day,
+                    {
+                        "$or": [
+                            {"takenAt": {"$gt": hour}},
+                            {"takenAt": hour, "_id": {"$gt": "p"}},
+                        ]
+                    },
+                ]
+            },
+            [("takenAt", 1), ("_id", 1)],
+            50_000,
         ),
         "publishPending: true, sorted by _id, limit 1,000": (
             "events",
             {"publishPending": True},
             [("_id", 1)],
+            1000,
         ),
         "sweeper: uploadedAt < t, eventId null": (
             "photos",
             {"eventId": None, "uploadedAt": {"$lt": DAY + timedelta(minutes=20)}},
             [("uploadedAt", 1)],
+            0,
         ),
     }
 
@@ -120,14 +151,14 @@ def main() -> None:
     load(db, args.photos)
     result: dict = {"uri": args.uri, "photos": args.photos, "load_s": 0.0, "queries": {}}
     result["load_s"] = round(time.perf_counter() - started, 1)
-    for name, (collection, filter_, sort) in shapes(args.photos).items():
+    for name, (collection, filter_, sort, limit) in shapes(args.photos).items():
         times, found = [], 0
         for _ in range(args.repeat):
             cursor = db[collection].find(filter_, {"_id": 1})
             if sort:
                 cursor = cursor.sort(sort)
-            if collection == "events":
-                cursor = cursor.limit(1000)
+            if limit:
+                cursor = cursor.limit(limit)
             started = time.perf_counter()
             found = len(list(cursor))
             times.append(time.perf_counter() - started)

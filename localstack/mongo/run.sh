@@ -24,7 +24,7 @@ mkdir -p "$data_dir" || fail "cannot create data dir $data_dir"
 
 # Serial GC and a bounded heap suit a 2-core machine shared with Kafka and Dagster.
 # shellcheck disable=SC2086  # the options are a list of words on purpose
-exec java ${MONGO_JAVA_OPTS:--Xms64m -Xmx1g -XX:+UseSerialGC} \
+exec java ${MONGO_JAVA_OPTS:--Xms64m -Xmx2g -XX:+UseSerialGC} \
     -Dorg.slf4j.simpleLogger.showDateTime=true \
     -Dorg.slf4j.simpleLogger.dateTimeFormat="yyyy-MM-dd'T'HH:mm:ss.SSSZ" \
     -Dorg.slf4j.simpleLogger.log.io.netty=warn \

@@ -2,6 +2,7 @@ package snapmap.localstack.mongo;
 
 import java.lang.reflect.Field;
 import java.util.ArrayList;
+import java.util.Arrays;
 import java.util.HashSet;
 import java.util.List;
 import java.util.Objects;
@@ -50,6 +51,8 @@ import de.bwaldvogel.mongo.bson.Document;
  * <p>A collection's documents are kept in a map keyed by {@code _id}, whose key type is
  * {@link ObjectKeyType}: the library's ObjectDataType without its race between a comparison and
  * the store's background writes (see there). Format and order are the library's in both cases.
+ * Its values, the documents, are written as BSON ({@link DocumentValueType}) instead of
+ * Java-serialised; documents written the library's way are still read.
  *
  * <p>Non-unique indexes are {@link SecondaryIndex}es, which name the documents that may match a
  * query; {@link Collection#queryDocuments} matches the whole query on those, in the order a scan
@@ -132,7 +135,8 @@ final class IndexSafeH2Backend extends H2Backend {
                                                                  CollectionOptions options) {
             String fullName = getFullCollectionNamespace(collectionName);
             MVMap<Object, Document> dataMap = store.openMap(DATA_PREFIX + fullName,
-                new MVMap.Builder<Object, Document>().keyType(new ObjectKeyType()));
+                new MVMap.Builder<Object, Document>().keyType(new ObjectKeyType())
+                    .valueType(new DocumentValueType()));
             MVMap<String, Object> metaMap = store.openMap(META_PREFIX + fullName);
             return new Collection(this, collectionName, options, dataMap, metaMap, cursorRegistry);
         }
@@ -191,6 +195,14 @@ final class IndexSafeH2Backend extends H2Backend {
          */
         private static final double MAX_LOOKUP_SHARE = 0.25;
 
+        /**
+         * A sorted page is not read in an index's order when that index's range of the query
+         * holds more than this many times the documents named by the most selective index: the
+         * walk could read its whole range before the page fills, where reading and sorting the
+         * named documents reads only those.
+         */
+        private static final int MAX_WALK_SHARE = 4;
+
         private final MVMap<Object, Document> dataMap;
 
         Collection(MongoDatabase database, String collectionName, CollectionOptions options,
@@ -235,6 +247,14 @@ final class IndexSafeH2Backend extends H2Backend {
             }
             if (!isNatural(orderBy)) {
                 Set<Object> candidates = candidates(query);
+                if (limit > 0 && (candidates == null
+                                  || candidates.size() > (long) numberToSkip + limit)) {
+                    QueryResult page = pageInIndexOrder(query, orderBy, numberToSkip, limit,
+                        batchSize, fieldSelector, candidates);
+                    if (page != null) {
+                        return page;
+                    }
+                }
                 if (candidates != null && candidates.size() <= MAX_LOOKUP_SHARE * count()) {
                     return matchDocumentsFromStream(inStoreOrder(candidates), query, orderBy,
                         numberToSkip, limit, batchSize, fieldSelector);
@@ -242,6 +262,67 @@ final class IndexSafeH2Backend extends H2Backend {
             }
             return super.queryDocuments(query, orderBy, numberToSkip, limit, batchSize,
                 fieldSelector);
+        }
+
+        /**
+         * A sorted page ({@code limit} documents after {@code numberToSkip}) read from a
+         * non-unique index whose first key is the sort's first key, in the index's order, up to
+         * the page's end: the library would match and sort every document first, which for a
+         * page of a large range took longer than the client waits. Null when no index can give
+         * that order ({@link SecondaryIndex#groupsInOrder}), or when the {@code candidates} that
+         * the indexes name (null: unbounded) are far fewer than the walk's range.
+         *
+         * <p>The documents are read a group of equal first keys at a time, each group in the
+         * order a scan reads them, until the groups read hold enough matches; those are then
+         * sorted by the library's own comparison on the whole sort. Every document outside
+         * those groups sorts after them, so the page, ties included, is the one a scan and a
+         * stable sort give.
+         */
+        private QueryResult pageInIndexOrder(Document query, Document orderBy, int numberToSkip,
+                                             int limit, int batchSize, Document fieldSelector,
+                                             Set<Object> candidates) {
+            if (orderBy == null || orderBy.isEmpty()) {
+                return null;
+            }
+            String firstKey = orderBy.keySet().iterator().next();
+            Object direction = orderBy.get(firstKey);
+            if (!(direction instanceof Number)
+                || Math.abs(((Number) direction).doubleValue()) != 1.0) {
+                return null;
+            }
+            boolean ascending = ((Number) direction).doubleValue() > 0;
+            for (Index<Object> index : getIndexes()) {
+                if (!(index instanceof SecondaryIndex) || !index.getKeys().get(0).getKey()
+                    .equals(firstKey)) {
+                    continue;
+                }
+                List<Object[]> groups = ((SecondaryIndex) index).groupsInOrder(query, ascending);
+                if (groups == null) {
+                    continue;
+                }
+                if (candidates != null) {
+                    long range = 0;
+                    for (Object[] group : groups) {
+                        range += group.length;
+                    }
+                    if (range > (long) MAX_WALK_SHARE * candidates.size()) {
+                        return null;
+                    }
+                }
+                long wanted = (long) numberToSkip + limit;
+                List<Document> matched = new ArrayList<>();
+                for (Object[] group : groups) {
+                    if (matched.size() >= wanted) {
+                        break;
+                    }
+                    inStoreOrder(Arrays.asList(group))
+                        .filter(document -> documentMatchesQuery(document, query))
+                        .forEach(matched::add);
+                }
+                return matchDocumentsFromStream(query, matched.stream(), numberToSkip, limit,
+                    batchSize, deriveComparator(orderBy), fieldSelector);
+            }
+            return null;
         }
 
         /**
@@ -299,7 +380,7 @@ final class IndexSafeH2Backend extends H2Backend {
          * The documents, in the order a scan reads them (the {@code _id} map's key order), so
          * that an unsorted or tied answer, and what a limit keeps of it, are the scan's.
          */
-        private Stream<Document> inStoreOrder(Set<Object> positions) {
+        private Stream<Document> inStoreOrder(java.util.Collection<Object> positions) {
             List<Object> sorted = new ArrayList<>(positions);
             DataType<Object> keyType = dataMap.getKeyType();
             sorted.sort(keyType::compare);

@@ -99,6 +99,49 @@ final class SecondaryIndex extends Index<Object> {
         return found;
     }
 
+    /**
+     * The positions of every document that may match {@code query}, grouped by the value of the
+     * index's first key, the groups in that value's order (highest first when not
+     * {@code ascending}). Within a group the order is left to the caller. Null when this order
+     * could differ from a sort on the first key: the index holds documents whose first key sorts
+     * among other types (arrays, unsorted types), or the query does not bound the first key to
+     * one sorted type and the index holds several types, or null or missing values.
+     */
+    synchronized List<Object[]> groupsInOrder(Document query, boolean ascending) {
+        if (!unkeyed.isEmpty() || root.otherChild != null) {
+            return null;
+        }
+        Span span = Span.of(query, keys().get(0));
+        if (span == null) {
+            if (root.nullChild != null || root.sorted.size() > 1) {
+                return null;
+            }
+            span = root.sorted.isEmpty()
+                ? Span.EMPTY : new Span(root.sorted.keySet().iterator().next(), null, null);
+        }
+        NavigableMap<Object, Object> values = span.within(root.sorted.get(span.type));
+        if (!ascending) {
+            values = values.descendingMap();
+        }
+        List<Object[]> groups = new ArrayList<>(values.size());
+        for (Object child : values.values()) {
+            if (depth == 1 && !(child instanceof Positions)) {
+                groups.add(new Object[] {child});
+                continue;
+            }
+            Set<Object> group = new HashSet<>();
+            if (depth == 1) {
+                addLeaf(group, child);
+            } else {
+                for (Object leaf : ((Level) child).all()) {
+                    addLeaf(group, leaf);
+                }
+            }
+            groups.add(group.toArray());
+        }
+        return groups;
+    }
+
     @Override
     public Object getPosition(Document document) {
         // The _id index tells the library where a document is.
@@ -421,6 +464,121 @@ final class SecondaryIndex extends Index<Object> {
             normalised = number == -0.0 ? 0.0 : number;
         }
         return sortedType(normalised) == null ? null : normalised;
+    }
+
+    /**
+     * The values one key can have in a document that matches a query: values of one sorted type
+     * between inclusive bounds (null: open), or none at all ({@link #EMPTY}). Built from the
+     * key's own condition, the clauses of {@code $and} (all must hold) and of {@code $or} (one
+     * must); a part of the query it cannot read only leaves the span wider.
+     */
+    private static final class Span {
+        static final Span EMPTY = new Span(null, null, null);
+
+        /** Null for {@link #EMPTY}. */
+        final Class<?> type;
+        final Object low;
+        final Object high;
+
+        Span(Class<?> type, Object low, Object high) {
+            this.type = type;
+            this.low = low;
+            this.high = high;
+        }
+
+        /** The span of {@code path} in documents matching {@code query}, or null when unbounded. */
+        static Span of(Document query, String path) {
+            Span span = of(Condition.of(query, path));
+            if (query.get("$and") instanceof List<?>) {
+                for (Object clause : (List<?>) query.get("$and")) {
+                    if (clause instanceof Document) {
+                        span = intersect(span, of((Document) clause, path));
+                    }
+                }
+            }
+            if (query.get("$or") instanceof List<?> && !((List<?>) query.get("$or")).isEmpty()) {
+                Span hull = EMPTY;
+                for (Object clause : (List<?>) query.get("$or")) {
+                    hull = clause instanceof Document
+                        ? union(hull, of((Document) clause, path)) : null;
+                    if (hull == null) {
+                        break;
+                    }
+                }
+                span = intersect(span, hull);
+            }
+            return span;
+        }
+
+        private static Span of(Condition condition) {
+            if (condition == null) {
+                return null;
+            }
+            if (condition.values == null) {
+                return new Span(condition.type, condition.low, condition.high);
+            }
+            Span span = EMPTY;
+            for (Object value : condition.values) {
+                span = union(span, new Span(sortedType(value), value, value));
+                if (span == null) {
+                    return null;
+                }
+            }
+            return span;
+        }
+
+        /** Both spans at once; when their types differ nothing matches, and either one is kept
+         * (still a superset). */
+        private static Span intersect(Span a, Span b) {
+            if (a == null || b == EMPTY) {
+                return b;
+            }
+            if (b == null || a == EMPTY || a.type != b.type) {
+                return a;
+            }
+            return new Span(a.type, pick(a.low, b.low, true), pick(a.high, b.high, false));
+        }
+
+        /** Either span; null (unbounded) when their types differ. */
+        private static Span union(Span a, Span b) {
+            if (a == null || b == null) {
+                return null;
+            }
+            if (a == EMPTY || b == EMPTY) {
+                return a == EMPTY ? b : a;
+            }
+            if (a.type != b.type) {
+                return null;
+            }
+            Object low = a.low == null || b.low == null ? null : pick(a.low, b.low, false);
+            Object high = a.high == null || b.high == null ? null : pick(a.high, b.high, true);
+            return new Span(a.type, low, high);
+        }
+
+        /** The larger (or smaller) of two bounds of one type, an open bound counting as absent. */
+        private static Object pick(Object a, Object b, boolean larger) {
+            if (a == null || b == null) {
+                return a == null ? b : a;
+            }
+            int order = Level.compareSameType(a, b);
+            return (order >= 0) == larger ? a : b;
+        }
+
+        /** The part of {@code values} (of this span's type) inside the span. */
+        NavigableMap<Object, Object> within(NavigableMap<Object, Object> values) {
+            if (values == null || this == EMPTY
+                || (low != null && high != null && Level.compareSameType(low, high) > 0)) {
+                return new TreeMap<>();
+            }
+            NavigableMap<Object, Object> range = values;
+            if (low != null) {
+                range = range.tailMap(low, true);
+            }
+            if (high != null) {
+                range = range.headMap(high, true);
+            }
+            return range;
+        }
     }
 
     /** What a query asks of one index key: a set of values, or a range of one type. */
