@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 import pytest
 from bson import ObjectId
 from pymongo import ASCENDING, MongoClient
+from pymongo.errors import OperationFailure
 
 pytestmark = pytest.mark.storage
 
@@ -348,3 +349,20 @@ def test_sorted_pages_read_in_index_order_agree_with_a_scan(collections, seed):
     for c in collections:
         c.update_one({"_id": "p0001"}, {"$set": {"at": BASE + timedelta(minutes=5)}})
     compare_pages(indexed, plain, rng, "after the array was removed", rounds=40)
+
+
+def test_an_index_refused_for_parallel_arrays_is_not_kept(collections):
+    """A compound index over two arrays of one document is refused, as MongoDB refuses it, and
+    leaves nothing behind: the next build of the same index, once that document is gone, holds
+    every document."""
+    indexed, _ = collections
+    indexed.insert_many([{"_id": i, "a": i, "b": -i} for i in range(6)])
+    indexed.insert_one({"_id": 99, "a": [1, 2], "b": [3, 4]})
+    with pytest.raises(OperationFailure, match="parallel arrays"):
+        indexed.create_index([("a", ASCENDING), ("b", ASCENDING)])
+    assert sorted(indexed.index_information()) == ["_id_"]
+
+    indexed.delete_one({"_id": 99})
+    indexed.create_index([("a", ASCENDING), ("b", ASCENDING)])
+    page = indexed.find({"a": {"$gte": 1}}, {"_id": 1}).sort("a", ASCENDING).limit(10)
+    assert [d["_id"] for d in page] == [1, 2, 3, 4, 5]

@@ -28,6 +28,8 @@ import de.bwaldvogel.mongo.backend.h2.H2Database;
 import de.bwaldvogel.mongo.backend.h2.H2UniqueIndex;
 import de.bwaldvogel.mongo.bson.BsonRegularExpression;
 import de.bwaldvogel.mongo.bson.Document;
+import de.bwaldvogel.mongo.exception.IndexBuildFailedException;
+import de.bwaldvogel.mongo.exception.MongoServerError;
 
 /**
  * The H2 backend with index changes serialised against writes, cheaper index key comparison,
@@ -212,8 +214,28 @@ final class IndexSafeH2Backend extends H2Backend {
             this.dataMap = dataMap;
         }
 
+        /**
+         * Adds an index; a new non-unique index is filled here in one pass over the documents.
+         * The library fills an empty index with two passes (every document checked, then every
+         * document added), which made each non-unique index cost two reads of its collection
+         * when the server opens a store. A document the index refuses (parallel arrays) empties
+         * it again and fails the build, as the library's check does.
+         */
         @Override
         public synchronized void addIndex(Index<Object> index) {
+            boolean known = getIndexes().stream()
+                .anyMatch(existing -> existing.getName().equals(index.getName()));
+            if (index instanceof SecondaryIndex && index.isEmpty() && !known) {
+                try {
+                    streamAllDocumentsWithPosition().forEach(stored -> {
+                        index.checkAdd(stored.getDocument(), this);
+                        index.add(stored.getDocument(), stored.getPosition(), this);
+                    });
+                } catch (MongoServerError e) {
+                    index.drop();
+                    throw new IndexBuildFailedException(e, this);
+                }
+            }
             super.addIndex(index);
         }
 
