@@ -15,7 +15,7 @@ import random
 from datetime import datetime, timedelta
 
 import pytest
-from bson import ObjectId
+from bson import Decimal128, Int64, ObjectId
 from pymongo import ASCENDING, MongoClient
 from pymongo.errors import OperationFailure
 
@@ -349,6 +349,47 @@ def test_sorted_pages_read_in_index_order_agree_with_a_scan(collections, seed):
     for c in collections:
         c.update_one({"_id": "p0001"}, {"$set": {"at": BASE + timedelta(minutes=5)}})
     compare_pages(indexed, plain, rng, "after the array was removed", rounds=40)
+
+
+# The library's sort compares two numbers as truncated longs when either is a whole number of
+# 2^31 or more in size: 3e9 and 3e9 + 0.5 tie, NaN counts as 0, -inf as -2^63. A double's order
+# (the index's) then differs from the sort's, and reading the groups of equal values in the
+# index's order returned the wrong ties; such numbers must send the page back to the sort.
+NUMBERS_SORTED_AS_LONGS = [
+    3_000_000_000.5,
+    3_000_000_000,
+    Int64(3_000_000_000),
+    -3_000_000_000.5,
+    -3_000_000_000,
+    float("nan"),
+    2**31,
+    5,
+    5.5,
+    -0.0,
+    float("inf"),
+    float("-inf"),
+    float(-(2**63)),
+    1e19,
+    Decimal128("3000000000.25"),
+]
+
+
+def test_sorted_pages_over_numbers_sorted_as_longs_agree_with_a_scan(collections):
+    indexed, plain = collections
+    indexed.create_index([("f", ASCENDING)])
+    docs = [{"_id": f"p{i:04d}", "f": v} for i, v in enumerate(NUMBERS_SORTED_AS_LONGS)]
+    for c in collections:
+        c.insert_many([dict(d) for d in docs])
+
+    for filter_ in ({}, {"f": {"$gte": 2}}, {"f": {"$lte": 0}}):
+        for sort in ([("f", 1)], [("f", -1)], [("f", 1), ("_id", -1)]):
+            for skip in range(0, len(docs), 3):
+                for limit in (1, 2, 5):
+                    pages = [
+                        [d["_id"] for d in c.find(filter_).sort(sort).skip(skip).limit(limit)]
+                        for c in (indexed, plain)
+                    ]
+                    assert pages[0] == pages[1], f"{filter_!r} sorted by {sort}, {skip}+{limit}"
 
 
 def test_an_index_refused_for_parallel_arrays_is_not_kept(collections):

@@ -105,7 +105,9 @@ final class SecondaryIndex extends Index<Object> {
      * {@code ascending}). Within a group the order is left to the caller. Null when this order
      * could differ from a sort on the first key: the index holds documents whose first key sorts
      * among other types (arrays, unsorted types), or the query does not bound the first key to
-     * one sorted type and the index holds several types, or null or missing values.
+     * one sorted type and the index holds several types, or null or missing values, or the
+     * numbers it holds include one that the library's sort places otherwise than its value
+     * ({@link #sortsApartFromItsValue}).
      */
     synchronized List<Object[]> groupsInOrder(Document query, boolean ascending) {
         if (!unkeyed.isEmpty() || root.otherChild != null) {
@@ -118,6 +120,9 @@ final class SecondaryIndex extends Index<Object> {
             }
             span = root.sorted.isEmpty()
                 ? Span.EMPTY : new Span(root.sorted.keySet().iterator().next(), null, null);
+        }
+        if (span.type == Double.class && root.numbersOutOfOrder > 0) {
+            return null;
         }
         NavigableMap<Object, Object> values = span.within(root.sorted.get(span.type));
         if (!ascending) {
@@ -337,6 +342,8 @@ final class SecondaryIndex extends Index<Object> {
         private final Map<Class<?>, TreeMap<Object, Object>> sorted = new HashMap<>();
         private Object nullChild;
         private Object otherChild;
+        /** How many of the numbers kept sorted here {@link #sortsApartFromItsValue}. */
+        private int numbersOutOfOrder;
 
         Object get(Object value) {
             if (value == null) {
@@ -363,12 +370,14 @@ final class SecondaryIndex extends Index<Object> {
             }
             TreeMap<Object, Object> values = sorted.computeIfAbsent(type, t -> new TreeMap<>());
             if (child == null) {
-                values.remove(value);
+                if (values.remove(value) != null && sortsApartFromItsValue(value)) {
+                    numbersOutOfOrder--;
+                }
                 if (values.isEmpty()) {
                     sorted.remove(type);
                 }
-            } else {
-                values.put(value, child);
+            } else if (values.put(value, child) == null && sortsApartFromItsValue(value)) {
+                numbersOutOfOrder++;
             }
         }
 
@@ -380,6 +389,7 @@ final class SecondaryIndex extends Index<Object> {
             sorted.clear();
             nullChild = null;
             otherChild = null;
+            numbersOutOfOrder = 0;
         }
 
         List<Object> all() {
@@ -445,6 +455,25 @@ final class SecondaryIndex extends Index<Object> {
             return value.getClass();
         }
         return null;
+    }
+
+    /**
+     * Whether the library's sort can place this normalised value otherwise than a double's
+     * order would: it compares two numbers as longs, each truncated (NaN as 0, infinities and
+     * values beyond a long's range as its ends), when either is a whole number of 2^31 or more
+     * in size. So NaN, infinities, and values of 2^31 or more in size that are not whole or
+     * are 2^63 or more can tie with such a number or sort on its other side.
+     */
+    static boolean sortsApartFromItsValue(Object value) {
+        if (!(value instanceof Double)) {
+            return false;
+        }
+        double number = (Double) value;
+        if (Double.isNaN(number) || Double.isInfinite(number)) {
+            return true;
+        }
+        double size = Math.abs(number);
+        return size >= EXACT_BOUND_LIMIT && (size >= 0x1p63 || number != Math.rint(number));
     }
 
     /**
