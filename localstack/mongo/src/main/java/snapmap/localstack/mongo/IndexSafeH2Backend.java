@@ -298,7 +298,12 @@ final class IndexSafeH2Backend extends H2Backend {
          * order a scan reads them, until the groups read hold enough matches; those are then
          * sorted by the library's own comparison on the whole sort. Every document outside
          * those groups sorts after them, so the page, ties included, is the one a scan and a
-         * stable sort give.
+         * stable sort give. That holds only while the library's comparison is a consistent
+         * order on the documents read: when one of them holds, on a key of the sort, a number
+         * it compares inconsistently ({@link SecondaryIndex#sortsInconsistently}), sorting
+         * those alone can give another order than sorting every match (or fail where that
+         * does not), so the page is left to the sort of every match. Such numbers in documents
+         * of groups not read are not looked for.
          */
         private QueryResult pageInIndexOrder(Document query, Document orderBy, int numberToSkip,
                                              int limit, int batchSize, Document fieldSelector,
@@ -340,6 +345,10 @@ final class IndexSafeH2Backend extends H2Backend {
                     inStoreOrder(Arrays.asList(group))
                         .filter(document -> documentMatchesQuery(document, query))
                         .forEach(matched::add);
+                }
+                if (matched.stream().anyMatch(document -> SecondaryIndex
+                    .sortsInconsistently(document, orderBy.keySet()))) {
+                    return null;
                 }
                 return matchDocumentsFromStream(query, matched.stream(), numberToSkip, limit,
                     batchSize, deriveComparator(orderBy), fieldSelector);

@@ -18,6 +18,7 @@ import de.bwaldvogel.mongo.backend.KeyValue;
 import de.bwaldvogel.mongo.backend.Missing;
 import de.bwaldvogel.mongo.backend.Utils;
 import de.bwaldvogel.mongo.bson.BsonRegularExpression;
+import de.bwaldvogel.mongo.bson.Decimal128;
 import de.bwaldvogel.mongo.bson.Document;
 import de.bwaldvogel.mongo.bson.ObjectId;
 
@@ -474,6 +475,39 @@ final class SecondaryIndex extends Index<Object> {
         }
         double size = Math.abs(number);
         return size >= EXACT_BOUND_LIMIT && (size >= 0x1p63 || number != Math.rint(number));
+    }
+
+    /**
+     * Whether the library's sort may compare one of the document's values at these paths
+     * inconsistently (a before b before c, yet c before a; or a equal to b and to c, yet b
+     * before c): a number that {@link #sortsApartFromItsValue}, or a Decimal128, which it
+     * compares exactly with another Decimal128 but as a double with other numbers. Arrays and
+     * embedded documents are looked into, since the sort compares their elements.
+     */
+    static boolean sortsInconsistently(Document document, Collection<String> paths) {
+        for (String path : paths) {
+            if (sortsInconsistently(Utils.getSubdocumentValueCollectionAware(document, path))) {
+                return true;
+            }
+        }
+        return false;
+    }
+
+    private static boolean sortsInconsistently(Object value) {
+        if (value instanceof Decimal128) {
+            return true;
+        }
+        if (value instanceof Number) {
+            return sortsApartFromItsValue(((Number) value).doubleValue());
+        }
+        if (value instanceof Collection<?>) {
+            return ((Collection<?>) value).stream().anyMatch(SecondaryIndex::sortsInconsistently);
+        }
+        if (value instanceof Document) {
+            return ((Document) value).values().stream()
+                .anyMatch(SecondaryIndex::sortsInconsistently);
+        }
+        return false;
     }
 
     /**
