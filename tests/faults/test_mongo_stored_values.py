@@ -91,3 +91,27 @@ def test_documents_survive_a_restart_byte_for_byte(mongo):
         assert touched.raw != before[0] and touched["touched"] is True
     finally:
         client.close()
+
+
+def test_a_document_grown_past_16_mb_survives_a_restart(mongo):
+    """The library lets an update grow a document past BSON's 16 MB limit, which its decoder
+    refuses: written as BSON, such a document could not be read again and the store would not
+    open. It must read back after a restart, and so must the documents beside it."""
+    client = MongoClient(mongo.uri, serverSelectionTimeoutMS=10_000)
+    collection = client[mongo.database].get_collection("grown", codec_options=RAW)
+    client[mongo.database].grown.insert_one({"_id": "grown", "a": "a" * (15 * 1024 * 1024)})
+    client[mongo.database].grown.update_one({"_id": "grown"}, {"$set": {"b": "b" * 3 * 1024**2}})
+    client[mongo.database].grown.insert_one({"_id": "beside", "n": 1})
+    before = [doc.raw for doc in collection.find({}, batch_size=1)]
+    assert len(before) == 2 and len(before[1]) > 16 * 1024 * 1024
+    client.close()
+
+    with stopped("mongo"):
+        pass  # the server reads the documents from its file after the restart
+
+    client = MongoClient(mongo.uri, serverSelectionTimeoutMS=60_000)
+    collection = client[mongo.database].get_collection("grown", codec_options=RAW)
+    try:
+        assert [doc.raw for doc in collection.find({}, batch_size=1)] == before
+    finally:
+        client.close()

@@ -7,6 +7,7 @@ import org.h2.mvstore.WriteBuffer;
 import org.h2.mvstore.type.ObjectDataType;
 
 import de.bwaldvogel.mongo.bson.Document;
+import de.bwaldvogel.mongo.wire.BsonConstants;
 import de.bwaldvogel.mongo.wire.bson.BsonDecoder;
 import de.bwaldvogel.mongo.wire.bson.BsonEncoder;
 import io.netty.buffer.ByteBuf;
@@ -26,7 +27,11 @@ import io.netty.buffer.Unpooled;
  * BSON length as a variable-length int, then the BSON. A value without the marker is read by
  * ObjectDataType, so a store written before this type opens with it; the documents it writes
  * are BSON, which a server built before this type cannot read. A document BSON cannot encode
- * (none the wire protocol delivers) is written the old way.
+ * (none the wire protocol delivers) is written the old way, and so is one larger than BSON's
+ * 16 MB limit, which the library's decoder refuses: an update can grow a document past it (the
+ * library does not check), and such a document written as BSON could not be read again, nor
+ * the store opened. One written as BSON by the first build of this type is still read, its top
+ * level without that limit (an embedded document over 16 MB is not).
  *
  * <p>Memory: H2 sizes its cache by each value's estimated memory. A decoded document takes
  * several times its BSON length in the heap (maps, entries, boxed values); the estimate is
@@ -56,7 +61,7 @@ final class DocumentValueType extends ObjectDataType {
     @Override
     public void write(WriteBuffer buff, Object obj) {
         byte[] bson = obj instanceof Document ? encode((Document) obj) : null;
-        if (bson == null) {
+        if (bson == null || bson.length > BsonConstants.MAX_BSON_OBJECT_SIZE) {
             super.write(buff, obj);
             return;
         }
@@ -74,7 +79,23 @@ final class DocumentValueType extends ObjectDataType {
         ByteBuffer bson = buff.slice().limit(length);
         buff.position(buff.position() + length);
         track(length);
+        if (length > BsonConstants.MAX_BSON_OBJECT_SIZE) {
+            return decodeOversized(Unpooled.wrappedBuffer(bson));
+        }
         return BsonDecoder.decodeBson(Unpooled.wrappedBuffer(bson));
+    }
+
+    /** A document over BSON's size limit, its top level read here and its values by the
+     * library (see the class comment). */
+    private static Document decodeOversized(ByteBuf buffer) {
+        int end = buffer.readerIndex() + buffer.readIntLE() - 1;
+        Document document = new Document();
+        while (buffer.readerIndex() < end) {
+            byte type = buffer.readByte();
+            String name = BsonDecoder.decodeCString(buffer);
+            document.put(name, BsonDecoder.decodeValue(type, buffer));
+        }
+        return document;
     }
 
     /** The document's BSON, or null when BSON cannot hold one of its values. */
