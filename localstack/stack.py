@@ -1537,7 +1537,9 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     print(describe_env(cfg), file=sys.stderr, flush=True)
                 except OSError:
-                    pass
+                    # The unwritten line stays in the buffer; dropping the stream keeps
+                    # Python's flush at exit from failing and turning the exit status to 120.
+                    sys.stderr = None
             print(format_env(cfg))
             return 0
         if args.command == "logs":

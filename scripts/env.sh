@@ -3,16 +3,21 @@
 # Dagster's EnvVar needs every wired variable to exist; an empty value means "not used".
 # Outside production it says on stderr, in one line, which stack folder and ports the settings
 # point at (a new shell without SNAPMAP_STACK_DIR and SNAPMAP_*_PORT gets the default stack);
-# SNAPMAP_QUIET=1 leaves that line out. Standard output stays empty.
+# SNAPMAP_QUIET=1 leaves that line out; a bad setting makes `source` fail. Standard output stays empty.
 _root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _py="$_root/.venv/bin/python"
 [ -x "$_py" ] || _py=python3
 if [ -z "${SNAPMAP_PRODUCTION:-}" ]; then
-  if [ -n "${SNAPMAP_QUIET:-}" ]; then
-    eval "$("$_py" "$_root/localstack/stack.py" env)"
-  else
-    eval "$("$_py" "$_root/localstack/stack.py" env --where)"
+  _where=--where
+  [ "${SNAPMAP_QUIET:-}" = 1 ] && _where=
+  # A bad setting (a port out of range, say) is reported by stack.py on stderr; stop here
+  # rather than go on with the connection settings unset.
+  if ! _settings="$("$_py" "$_root/localstack/stack.py" env $_where)"; then
+    unset _root _py _where _settings
+    return 1
   fi
+  eval "$_settings"
+  unset _where _settings
 fi
 export SNAPMAP_UPLOADS_TOPIC="${SNAPMAP_UPLOADS_TOPIC:-photo-uploads}"
 export SNAPMAP_DEAD_LETTER_TOPIC="${SNAPMAP_DEAD_LETTER_TOPIC:-photo-uploads.dlq}"

@@ -25,12 +25,13 @@ PORTS = {
 }
 
 
-def source_env(**variables: str) -> subprocess.CompletedProcess:
-    """Source scripts/env.sh as scripts/run-tests does (set -euo pipefail) in a shell that has
-    none of the stack's variables, then print two of the settings it exported."""
+def source_env(options: str = "-euo pipefail", **variables: str) -> subprocess.CompletedProcess:
+    """Source scripts/env.sh as scripts/run-tests does (set -euo pipefail, unless ``options``
+    says otherwise) in a shell that has none of the stack's variables, then print two of the
+    settings it exported."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/")}
     script = (
-        "set -euo pipefail; source scripts/env.sh; "
+        f"set {options}; source scripts/env.sh; "
         'echo "$KAFKA_BOOTSTRAP_SERVERS ${MONGODB_URI:-unset}"'
     )
     return subprocess.run(
@@ -69,6 +70,23 @@ def test_quiet_leaves_the_line_out(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout == "127.0.0.1:18192 mongodb://127.0.0.1:18117/\n"
     assert done.stderr == ""
+
+
+def test_quiet_is_only_the_value_one(tmp_path):
+    """``SNAPMAP_QUIET=0`` reads as "not quiet", as any other value but 1 does."""
+    done = source_env(SNAPMAP_QUIET="0", SNAPMAP_STACK_DIR=str(tmp_path), **PORTS)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith(f"stack: settings for the stack in {tmp_path.resolve()}:")
+
+
+def test_a_bad_port_stops_the_shell_instead_of_leaving_the_settings_unset(tmp_path):
+    """Sourced under ``set -e`` alone (no ``-u`` to catch an unset setting later), a setting
+    stack.py refuses ends the shell with its reason; nothing runs on without the settings."""
+    bad = {**PORTS, "SNAPMAP_MONGO_PORT": "99999"}
+    done = source_env("-e", SNAPMAP_STACK_DIR=str(tmp_path), **bad)
+    assert done.returncode != 0
+    assert done.stdout == ""
+    assert "SNAPMAP_MONGO_PORT='99999' is not a TCP port number" in done.stderr
 
 
 def test_production_neither_points_at_a_stack_nor_names_one():
