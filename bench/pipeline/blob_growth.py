@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--blobs", type=int, default=20_000)
     parser.add_argument("--every", type=int, default=2_500)
     args = parser.parse_args()
+    if args.blobs < 1 or args.every < 1:
+        parser.error("--blobs and --every must be at least 1")
 
     before = machine()
     checkpoints = []
@@ -36,17 +38,25 @@ def main() -> None:
             blob.ensure_container(client)
             written = 0
             while written < args.blobs:
+                # A batch ends at the next checkpoint or at --blobs, whichever comes first, so
+                # every multiple of --every (and the last upload) is a row of its own.
+                next_checkpoint = (written // args.every + 1) * args.every
+                size = min(BATCH, next_checkpoint - written, args.blobs - written)
                 bodies = [
                     (f"ev-{i:07d}", *encode_manifest({"eventId": f"ev-{i:07d}", "photos": []}))
-                    for i in range(written, written + BATCH)
+                    for i in range(written, written + size)
                 ]
                 began = time.perf_counter()
                 for future in [pool.submit(blob.upload_manifest, client, *b) for b in bodies]:
                     future.result()
                 took = time.perf_counter() - began
-                written += BATCH
-                if written == BATCH or written % args.every == 0:
-                    row = {"blobs": written, "ms_per_upload": round(1000 * took / BATCH, 2)}
+                written += size
+                if written == size or written % args.every == 0 or written == args.blobs:
+                    row = {
+                        "blobs": written,
+                        "batch": size,
+                        "ms_per_upload": round(1000 * took / size, 2),
+                    }
                     print(json.dumps(row), flush=True)
                     checkpoints.append(row)
     emit(
