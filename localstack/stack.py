@@ -1102,6 +1102,22 @@ class Mongo(Service):
             "mongo: localstack/mongo/install.sh",
         )
 
+    def install_is_current(self) -> bool:
+        """Whether the build's stamp is that of the pom and Java sources now (install.sh
+        computes both; a server started from the build runs what the stamp says)."""
+        try:
+            built = (self.build_dir / "BUILD_STAMP").read_text().strip()
+            now = subprocess.run(
+                ["bash", str(self.scripts / "install.sh"), "--stamp"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return built == now
+
     def prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
 

@@ -3,6 +3,7 @@
 # docs/mongodb-compatible-server.md) into <build_dir>, from Maven Central with the JDK's Maven.
 #
 #   localstack/mongo/install.sh <build_dir>
+#   localstack/mongo/install.sh --stamp    # what a build of the current sources is stamped
 #
 # Idempotent: when <build_dir> already holds a build of the same pom and sources it does
 # nothing. Any failure prints one line starting with "mongo install:" and exits non-zero;
@@ -16,8 +17,16 @@ fail() {
     exit 1
 }
 
-[[ $# -eq 1 && -n "$1" ]] || fail "usage: $0 <build_dir>"
 src_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# What a build is made from: the pom (which pins every version) and our Java sources.
+# (`install.sh --stamp` prints it: the stack compares it with a running server's build.)
+stamp="$(cd "$src_dir" && find pom.xml src -type f -print0 | LC_ALL=C sort -z \
+    | xargs -0 sha256sum | sha256sum | cut -c1-16)"
+if [[ $# -eq 1 && "$1" == "--stamp" ]]; then
+    echo "$stamp"
+    exit 0
+fi
+[[ $# -eq 1 && -n "$1" ]] || fail "usage: $0 <build_dir> | --stamp"
 mkdir -p "$1" || fail "cannot create build dir $1"
 build_dir="$(cd "$1" && pwd)"
 
@@ -28,9 +37,6 @@ java_spec="$(java -XshowSettings:properties -version 2>&1 \
 [[ "${java_spec%%.*}" =~ ^[0-9]+$ && "${java_spec%%.*}" -ge 17 ]] \
     || fail "java ${java_spec:-of unknown version} found; 17 or newer is needed"
 
-# What a build is made from: the pom (which pins every version) and our Java sources.
-stamp="$(cd "$src_dir" && find pom.xml src -type f -print0 | sort -z \
-    | xargs -0 sha256sum | sha256sum | cut -c1-16)"
 stamp_file="$build_dir/BUILD_STAMP"
 jar="$build_dir/maven/snapmap-local-mongo.jar"
 if [[ -f "$stamp_file" && "$(cat "$stamp_file")" == "$stamp" && -f "$jar" ]]; then
