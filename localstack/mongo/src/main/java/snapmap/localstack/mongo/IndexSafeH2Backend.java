@@ -22,6 +22,7 @@ import de.bwaldvogel.mongo.backend.CursorRegistry;
 import de.bwaldvogel.mongo.backend.Index;
 import de.bwaldvogel.mongo.backend.IndexKey;
 import de.bwaldvogel.mongo.backend.QueryResult;
+import de.bwaldvogel.mongo.backend.Utils;
 import de.bwaldvogel.mongo.backend.h2.H2Backend;
 import de.bwaldvogel.mongo.backend.h2.H2Collection;
 import de.bwaldvogel.mongo.backend.h2.H2Database;
@@ -30,11 +31,12 @@ import de.bwaldvogel.mongo.bson.BsonRegularExpression;
 import de.bwaldvogel.mongo.bson.Document;
 import de.bwaldvogel.mongo.exception.IndexBuildFailedException;
 import de.bwaldvogel.mongo.exception.MongoServerError;
+import io.netty.channel.Channel;
 
 /**
  * The H2 backend with index changes serialised against writes, cheaper index key comparison,
  * collection keys compared safely from several threads, non-unique indexes that answer queries,
- * and H2's automatic compaction off.
+ * H2's automatic compaction off, and replies cut into batches as MongoDB cuts them.
  *
  * <p>mongo-java-server 1.47 guards a collection's writes and queries with the collection's
  * monitor, but not {@code addIndex} or {@code dropIndex}: a {@code createIndexes} arriving while
@@ -59,6 +61,11 @@ import de.bwaldvogel.mongo.exception.MongoServerError;
  * <p>Non-unique indexes are {@link SecondaryIndex}es, which name the documents that may match a
  * query; {@link Collection#queryDocuments} matches the whole query on those, in the order a scan
  * would read them. The library's own non-unique index keeps nothing.
+ *
+ * <p>The answers of {@code find} and {@code aggregate} are cut into batches of at most 16 MiB
+ * (and a first batch of 101 documents unless the client asks otherwise) by {@link ReplyBatches},
+ * the rest served through {@code getMore}: the library sent a whole answer in one reply, which
+ * the driver refuses above 48 MB.
  *
  * <p>The library builds its database and collection objects inside its constructors (the
  * backend reopens every stored database while it is being constructed), before a subclass
@@ -99,8 +106,11 @@ final class IndexSafeH2Backend extends H2Backend {
     private static boolean cachedIndexKeys;
     private static boolean secondaryIndexes;
 
+    private final ReplyBatches replyBatches;
+
     private IndexSafeH2Backend(MVStore mvStore) {
         super(mvStore);
+        replyBatches = new ReplyBatches(getCursorRegistry());
     }
 
     /**
@@ -119,6 +129,39 @@ final class IndexSafeH2Backend extends H2Backend {
         store = new MVStore.Builder().fileName(fileName).cacheSize(PAGE_CACHE_MB)
             .autoCompactFillRate(AUTO_COMPACT_FILL_RATE).open();
         return new IndexSafeH2Backend(store);
+    }
+
+    /**
+     * Every command, the library's answer to {@code find} and {@code aggregate} then cut into
+     * batches ({@link ReplyBatches}); a {@code getMore} takes its batch from our cursor, which
+     * cuts it the same way.
+     */
+    @Override
+    public Document handleCommand(Channel channel, String databaseName, String command,
+                                  Document query) {
+        Document response = super.handleCommand(channel, databaseName, command, query);
+        if (command.equalsIgnoreCase("find")) {
+            return replyBatches.cutFirstBatch(response, query.get("batchSize"),
+                Utils.isTrue(query.get("singleBatch")));
+        }
+        if (command.equalsIgnoreCase("aggregate") && query.get("cursor") instanceof Document) {
+            Object batchSize = ((Document) query.get("cursor")).get("batchSize");
+            return replyBatches.cutFirstBatch(response, batchSize, false);
+        }
+        return response;
+    }
+
+    @Override
+    protected Document handleKillCursors(Document query) {
+        Document response = super.handleKillCursors(query);
+        replyBatches.closed((List<?>) query.get("cursors"));
+        return response;
+    }
+
+    @Override
+    public void closeCursors(List<Long> cursorIds) {
+        super.closeCursors(cursorIds);
+        replyBatches.closed(cursorIds);
     }
 
     @Override
