@@ -638,8 +638,8 @@ def test_a_daily_backfill_loads_one_day_by_index(large, record_property):
         assert command_problems(pages.plain[large.database], pages.log) == []
         (day_read,) = pages.log.reads()
         assert set(day_read.returned) == large.world.selected(read_filter(day_read)[0])
-        # One find; pymongo asks for the rest in one getMore when the first reply is its
-        # default 101 documents (the local server sends everything at once).
+        # One find; after a first reply of 101 documents, pymongo asks for the rest in one
+        # getMore (both servers cut replies at 16 MiB, far above one day page of ids).
         assert day_read.get_mores <= 1
 
         report = recluster(mon.db, chunk, PARAMS)
