@@ -131,7 +131,7 @@ class ReclusterTotals:
 
     def add(self, report: DayReport) -> None:
         self.days += 1
-        self.photos += report.recluster.seed_photos
+        self.photos += report.photos
         self.created += report.recluster.created
         self.changed += report.recluster.changed
         self.tombstoned += report.recluster.tombstoned
@@ -193,7 +193,7 @@ def run_recluster(args: argparse.Namespace) -> int:
             totals.add(report)
             bar.show(
                 totals.days,
-                f"{day.isoformat()}: {report.recluster.seed_photos} photos, "
+                f"{day.isoformat()}: {report.photos} photos, "
                 f"{sum(report.event_sizes.values())} events start",
             )
         _print_totals(totals, params, time.monotonic() - started)

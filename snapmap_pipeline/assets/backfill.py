@@ -64,6 +64,9 @@ class DayReport:
     day_start: datetime
     day_end: datetime
     chunks: int = 0
+    photos: int = 0
+    # The day's photos a chunk left out because an earlier chunk's closure held them.
+    seed_photos_in_earlier_closures: int = 0
     recluster: ReclusterReport = field(default_factory=ReclusterReport)
     links_applied: int = 0
     photos_relinked: int = 0
@@ -121,17 +124,25 @@ def recluster_day(
     """Recluster the photos taken in ``[start, end)`` (and the closure they pull in), apply the
     queued links, publish the event updates and write the manifests."""
     report = DayReport(day_start=start, day_end=end)
+    # Photos of closures written by earlier chunks: their components are already exact, so a
+    # crowd that spans the day is loaded once rather than by every chunk that holds some of it.
+    reclustered: set[str] = set()
     for chunk in day_photo_chunks(db, start, end, chunk_size):
         report.chunks += 1
-        report.recluster.merge(recluster(db, chunk, params))
+        report.photos += len(chunk)
+        seed = [photo_id for photo_id in chunk if photo_id not in reclustered]
+        report.seed_photos_in_earlier_closures += len(chunk) - len(seed)
+        report.recluster.merge(recluster(db, seed, params, reclustered=reclustered))
         applied, changed = apply_all_links(db)
         report.links_applied += applied
         report.photos_relinked += changed
         log.info(
-            "%s chunk %d: %d seed photos reclustered, %d links applied (%d photos relinked)",
+            "%s chunk %d: %d photos, %d of them reclustered by earlier chunks; %d links "
+            "applied (%d photos relinked)",
             start.date().isoformat(),
             report.chunks,
             len(chunk),
+            len(chunk) - len(seed),
             applied,
             changed,
         )
@@ -152,7 +163,7 @@ def recluster_day(
         "%s: %d photos in %d chunks, closure %d; events %d created, %d changed, %d tombstoned; "
         "%d event updates published, %d manifests written; %d live events start this day",
         start.date().isoformat(),
-        report.recluster.seed_photos,
+        report.photos,
         report.chunks,
         report.recluster.closure_photos,
         report.recluster.created,
@@ -239,6 +250,8 @@ def day_metadata(report: DayReport, settings: PipelineSettings) -> dict:
     return {
         **report_metadata(report.recluster, settings),
         "chunks": report.chunks,
+        "day_photos": report.photos,
+        "seed_photos_in_earlier_closures": report.seed_photos_in_earlier_closures,
         "links_applied": report.links_applied,
         "photos_relinked": report.photos_relinked,
         "event_updates_published": report.event_updates_published,

@@ -114,22 +114,32 @@ def recluster(
     seed_ids: Iterable[str],
     params: ClusterParams,
     also_events: Iterable[str] = (),
+    reclustered: set[str] | None = None,
 ) -> ReclusterReport:
     """Recluster the closure of ``seed_ids`` (plus the members of ``also_events``, for photos
-    that moved away from an event). Retries on a write conflict with fresh state."""
+    that moved away from an event). Retries on a write conflict with fresh state.
+
+    ``reclustered``, when given, gains the ids of the closure once its result is written: by
+    the locality theorem (``clustering.locality``) the closure is a union of whole linked
+    components, each computed exactly, so a caller working through many seeds (a day's
+    chunks) need not recluster those photos again."""
     seed = sorted(set(seed_ids))
     if not seed:
         return ReclusterReport()
     for attempt in range(1, MAX_CONFLICT_RETRIES + 1):
         try:
-            return _recluster_once(db, seed, params, set(also_events))
+            return _recluster_once(db, seed, params, set(also_events), reclustered)
         except WriteConflict as conflict:
             log.warning("recluster attempt %d lost a race (%s); retrying", attempt, conflict)
     raise WriteConflict(f"recluster lost {MAX_CONFLICT_RETRIES} races in a row")
 
 
 def _recluster_once(
-    db: Database, seed_ids: Sequence[str], params: ClusterParams, also_events: set[str]
+    db: Database,
+    seed_ids: Sequence[str],
+    params: ClusterParams,
+    also_events: set[str],
+    reclustered: set[str] | None,
 ) -> ReclusterReport:
     report = ReclusterReport(seed_photos=len(seed_ids))
     clock = _Clock(report)
@@ -159,6 +169,8 @@ def _recluster_once(
         write_events(db, changes, stored, params)
         queue_links(db, changes.links, token)
         clock.lap("write")
+        if reclustered is not None:
+            reclustered.update(docs)
 
     report.created = len(changes.created)
     report.changed = len(changes.changed)

@@ -16,6 +16,7 @@ from snapmap_pipeline.jobs import INGEST_JOB_NAME, RECLUSTER_JOB_NAME, SWEEPER_J
 from snapmap_pipeline.resources.blob import BlobStorageResource
 from snapmap_pipeline.settings import PipelineSettings
 from snapmap_pipeline.store.events import apply_pending_links
+from snapmap_pipeline.store.geocell import cell_of
 from snapmap_pipeline.store.recluster import recluster
 from tests.integration.pipeline import groups, live_events, photo_events
 from tests.integration.sweeper_data import (
@@ -309,6 +310,37 @@ def test_three_days_backfilled_in_any_order_equal_one_canonical_pass(resources, 
         assert metadata["events_created"].value == 0
         assert metadata["events_changed"].value == 0
         assert metadata["events_tombstoned"].value == 0
+
+
+def test_a_crowd_spanning_many_chunks_is_reclustered_once(resources, mongo):
+    """A day's chunks skip photos an earlier chunk's closure already reclustered: a crowd of
+    40 photos (one a minute at one place, so one linked component) split over eight chunks of
+    five is loaded once, by its first chunk, and the result is still the canonical one."""
+    db = mongo.db()
+    # As ingestion leaves them, with their cell: neighbourhood loads find them.
+    crowd = [
+        backend_photo(f"crowd-{i:02d}", f"2026-06-06T10:{i:02d}:00Z", 2.2945, 48.8584)
+        | {"cell": cell_of(2.2945, 48.8584)}
+        for i in range(40)
+    ]
+    # Alone: each one its own component, kilometres from the crowd and from each other; as
+    # the upload backend writes them (no cell), which a chunk gives them when they are seeds.
+    alone = [
+        backend_photo(f"alone-{i}", f"2026-06-06T15:{i:02d}:00Z", 2.30 + 0.05 * i, 48.80)
+        for i in range(7)
+    ]
+    db.photos.insert_many(crowd + alone)
+    with instance_for_test() as instance:
+        (result,) = backfill(instance, resources, ["2026-06-06"], chunk_size=5)
+
+    assert photo_events(db) == canonical(db).assignment
+    assert len({photo_events(db)[p["_id"]] for p in crowd}) == 1
+    metadata = result.asset_materializations_for_node("daily_events")[0].metadata
+    assert metadata["chunks"].value == 10
+    assert metadata["closure_photos"].value == 47, "each photo loaded by one chunk only"
+    assert metadata["seed_photos"].value == 12
+    assert metadata["day_photos"].value == 47
+    assert metadata["seed_photos_in_earlier_closures"].value == 35
 
 
 def test_partitions_are_utc_days_across_the_dst_change(resources, mongo):
