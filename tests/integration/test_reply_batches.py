@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import bson
 import pytest
 from pymongo import MongoClient, monitoring
+from pymongo.errors import OperationFailure
 
 pytestmark = pytest.mark.storage
 
@@ -169,3 +170,25 @@ def test_an_abandoned_cursor_is_closed(client_and_replies, mongo):
     assert open_cursors() == before + 1
     cursor.close()
     assert open_cursors() == before
+
+
+def test_a_get_more_must_name_the_cursors_own_collection(mongo):
+    """MongoDB refuses (code 13) a ``getMore`` that names another collection than its cursor's;
+    the local server gave that cursor's documents to whatever collection the request named."""
+    client = MongoClient(mongo.uri, serverSelectionTimeoutMS=10_000)
+    db = client[mongo.database]
+    try:
+        db.small.insert_many([{"_id": n} for n in range(10)])
+        reply = db.command({"find": "small", "filter": {}, "sort": {"_id": 1}, "batchSize": 2})
+        cursor_id = reply["cursor"]["id"]
+        assert cursor_id
+
+        with pytest.raises(OperationFailure) as refused:
+            db.command({"getMore": cursor_id, "collection": "other", "batchSize": 3})
+        assert refused.value.code == 13
+
+        more = db.command({"getMore": cursor_id, "collection": "small", "batchSize": 3})
+        assert [doc["_id"] for doc in more["cursor"]["nextBatch"]] == [2, 3, 4]
+        db.command({"killCursors": "small", "cursors": [cursor_id]})
+    finally:
+        client.close()

@@ -134,11 +134,14 @@ final class IndexSafeH2Backend extends H2Backend {
     /**
      * Every command, the library's answer to {@code find} and {@code aggregate} then cut into
      * batches ({@link ReplyBatches}); a {@code getMore} takes its batch from our cursor, which
-     * cuts it the same way.
+     * cuts it the same way, once its namespace is checked against the cursor's.
      */
     @Override
     public Document handleCommand(Channel channel, String databaseName, String command,
                                   Document query) {
+        if (command.equalsIgnoreCase("getMore")) {
+            replyBatches.checkGetMore(databaseName, query);
+        }
         Document response = super.handleCommand(channel, databaseName, command, query);
         if (command.equalsIgnoreCase("find")) {
             return replyBatches.cutFirstBatch(response, query.get("batchSize"),

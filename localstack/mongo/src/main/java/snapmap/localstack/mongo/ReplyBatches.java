@@ -4,12 +4,14 @@ import java.util.ArrayList;
 import java.util.List;
 import java.util.Map;
 import java.util.concurrent.ConcurrentHashMap;
+import java.util.concurrent.ThreadLocalRandom;
 import java.util.concurrent.TimeUnit;
 
 import de.bwaldvogel.mongo.backend.Cursor;
 import de.bwaldvogel.mongo.backend.CursorRegistry;
 import de.bwaldvogel.mongo.backend.InMemoryCursor;
 import de.bwaldvogel.mongo.bson.Document;
+import de.bwaldvogel.mongo.exception.MongoServerError;
 import de.bwaldvogel.mongo.wire.BsonConstants;
 import de.bwaldvogel.mongo.wire.bson.BsonEncoder;
 import io.netty.buffer.ByteBuf;
@@ -33,7 +35,11 @@ import io.netty.buffer.Unpooled;
  * <li>a {@code find} with {@code singleBatch} gets one batch and no cursor;</li>
  * <li>a cursor idle for 10 minutes is closed, as MongoDB's default
  *     {@code cursorTimeoutMillis} does: a client that dies without closing its cursors would
- *     otherwise leave their documents in the server's heap for good.</li>
+ *     otherwise leave their documents in the server's heap for good;</li>
+ * <li>a cursor's id is random, as MongoDB's are, and a {@code getMore} must name the
+ *     cursor's own namespace: the library numbers cursors 1, 2, 3... from each start, so a
+ *     client still holding a cursor from before a restart continued, without an error, the
+ *     cursor that a new {@code find} (of any collection) had just been given.</li>
  * </ul>
  * The documents and their order are the library's: it has matched, sorted, skipped, limited and
  * projected all of them before the first batch is cut, as before.
@@ -44,6 +50,8 @@ final class ReplyBatches {
     static final int MAX_BATCH_BYTES = BsonConstants.MAX_BSON_OBJECT_SIZE;
     /** MongoDB's first batch of a find or aggregate when the client asks for no size. */
     static final int DEFAULT_FIRST_BATCH = 101;
+    /** Our cursor ids start here, above the library's own sequential ones. */
+    private static final long FIRST_RANDOM_ID = 1L << 32;
     /** MongoDB's default cursorTimeoutMillis. */
     static final long IDLE_TIMEOUT_NANOS = TimeUnit.MINUTES.toNanos(10);
 
@@ -97,13 +105,34 @@ final class ReplyBatches {
         long cursorId = 0;
         if (end < documents.size() && !singleBatch) {
             expireIdleCursors();
-            BatchCursor cursor = new BatchCursor(registry.generateCursorId(), documents, end);
-            open.put(cursor.getId(), cursor);
+            String namespace = String.valueOf(cursorDocument.get("ns"));
+            BatchCursor cursor;
+            do {
+                long id = ThreadLocalRandom.current().nextLong(FIRST_RANDOM_ID, Long.MAX_VALUE);
+                cursor = new BatchCursor(id, namespace, documents, end);
+            } while (open.putIfAbsent(cursor.getId(), cursor) != null);
             registry.add(cursor);
             cursorId = cursor.getId();
         }
         cursorDocument.put("id", cursorId);
         return response;
+    }
+
+    /**
+     * Refuses a {@code getMore} on one of our cursors that names another namespace than the
+     * cursor's, as MongoDB does (code 13), instead of serving it another collection's documents.
+     */
+    void checkGetMore(String databaseName, Document query) {
+        if (!(query.get("getMore") instanceof Number)) {
+            return;
+        }
+        BatchCursor cursor = open.get(((Number) query.get("getMore")).longValue());
+        String namespace = databaseName + "." + query.get("collection");
+        if (cursor != null && !cursor.namespace.equals(namespace)) {
+            throw new MongoServerError(13, "Unauthorized", "Requested getMore on namespace '"
+                + namespace + "', but cursor belongs to a different namespace "
+                + cursor.namespace);
+        }
     }
 
     /** The client closed these cursors (killCursors). */
@@ -166,12 +195,14 @@ final class ReplyBatches {
     private final class BatchCursor implements Cursor {
 
         private final long id;
+        private final String namespace;
         private final List<Document> documents;
         private int next;
         private volatile long lastUsed = System.nanoTime();
 
-        BatchCursor(long id, List<Document> documents, int next) {
+        BatchCursor(long id, String namespace, List<Document> documents, int next) {
             this.id = id;
+            this.namespace = namespace;
             this.documents = documents;
             this.next = next;
             for (int i = 0; i < next; i++) {
