@@ -192,3 +192,25 @@ def test_a_get_more_must_name_the_cursors_own_collection(mongo):
         db.command({"killCursors": "small", "cursors": [cursor_id]})
     finally:
         client.close()
+
+
+def test_a_single_batch_find_keeps_to_its_batch_size(mongo):
+    """``singleBatch`` (pymongo's negative ``limit``) closes the cursor after the first batch,
+    and that batch holds ``batchSize`` documents, as on MongoDB: ``limit(-5)`` with
+    ``batch_size=2`` returns 2 documents. The local server returned all 5, and every match of a
+    ``singleBatch`` find with a ``batchSize`` and no limit."""
+    client = MongoClient(mongo.uri, serverSelectionTimeoutMS=10_000)
+    db = client[mongo.database]
+    try:
+        db.small.insert_many([{"_id": n} for n in range(10)])
+        found = db.small.find({}, batch_size=2).sort("_id", 1).limit(-5)
+        assert [doc["_id"] for doc in found] == [0, 1]
+
+        reply = db.command({"find": "small", "filter": {}, "singleBatch": True, "batchSize": 3})
+        assert len(reply["cursor"]["firstBatch"]) == 3
+        assert reply["cursor"]["id"] == 0
+
+        # Without a batchSize the single batch is cut by size only.
+        assert len(list(db.small.find({}).limit(-10))) == 10
+    finally:
+        client.close()

@@ -32,7 +32,8 @@ import io.netty.buffer.Unpooled;
  * <li>the first batch of a {@code find} or {@code aggregate} holds {@code batchSize} documents,
  *     101 when the client gives none, and none for {@code batchSize: 0};</li>
  * <li>a {@code getMore} without {@code batchSize} (or with 0) is limited by size only;</li>
- * <li>a {@code find} with {@code singleBatch} gets one batch and no cursor;</li>
+ * <li>a {@code find} with {@code singleBatch} gets one batch ({@code batchSize} documents when
+ *     the client gives one) and no cursor;</li>
  * <li>a cursor idle for 10 minutes is closed, as MongoDB's default
  *     {@code cursorTimeoutMillis} does: a client that dies without closing its cursors would
  *     otherwise leave their documents in the server's heap for good;</li>
@@ -94,10 +95,12 @@ final class ReplyBatches {
         }
 
         int count = DEFAULT_FIRST_BATCH;
-        if (batchSize instanceof Number && ((Number) batchSize).intValue() >= 0) {
+        boolean sized = batchSize instanceof Number && ((Number) batchSize).intValue() >= 0;
+        if (sized) {
             count = ((Number) batchSize).intValue();
         }
-        if (singleBatch) {
+        if (singleBatch && !(sized && count > 0)) {
+            // The one batch is cut by size only, unless the client gave it a size.
             count = Integer.MAX_VALUE;
         }
         int end = batchEnd(documents, 0, count);
