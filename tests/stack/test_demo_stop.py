@@ -201,3 +201,35 @@ def test_ctrl_c_stops_dagster_when_the_demo_output_pipe_is_gone(project):
         if read_end is not None:
             os.close(read_end)
         end_leftovers(demo, fake_pid)
+
+
+def test_a_demo_started_with_sigint_ignored_still_stops_dagster_within_seconds(project):
+    """A demo started in the background by another script (``make demo &``, nohup, a CI step)
+    inherits SIGINT ignored, which bash can neither trap nor reset. Its Dagster inherited it
+    too, and `dagster dev` then ignores SIGTERM as well: every such demo waited 90 s after its
+    summary and killed Dagster's process group, runs in progress included."""
+    root, home = project
+    demo = subprocess.Popen(
+        ["scripts/demo", "replay", "--port", str(free_port())],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        try:
+            output, _ = demo.communicate(timeout=45)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+            output, _ = demo.communicate()
+            pytest.fail("the demo was still stopping Dagster after 45 s:\n" + output)
+        assert demo.returncode == 0, output
+        assert "stopping Dagster" in output
+        assert "did not stop within" not in output
+        log = (home / "demo-dagster.log").read_text()
+        assert "fake dagster: interrupted, stopping" in log
+    finally:
+        fake_pid_file = home / "fake-dagster.pid"
+        fake_pid = int(fake_pid_file.read_text()) if fake_pid_file.exists() else None
+        end_leftovers(demo, fake_pid)
