@@ -18,9 +18,11 @@ fail() {
 }
 
 src_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# What a build is made from: the pom (which pins every version) and our Java sources.
-# (`install.sh --stamp` prints it: the stack compares it with a running server's build.)
-stamp="$(cd "$src_dir" && find pom.xml src -type f -print0 | LC_ALL=C sort -z \
+# What a build is made from: the pom (which pins every version), our Java sources, and the
+# scripts that build and start it (run.sh sets the heap). `install.sh --stamp` prints it: the
+# stack compares it with a running server's build.
+stamp="$(cd "$src_dir" && find pom.xml install.sh run.sh src -type f -print0 \
+    | LC_ALL=C sort -z \
     | xargs -0 sha256sum | sha256sum | cut -c1-16)"
 if [[ $# -eq 1 && "$1" == "--stamp" ]]; then
     echo "$stamp"

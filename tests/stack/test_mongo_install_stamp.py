@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,25 @@ def test_up_says_when_a_running_server_runs_an_older_build(tmp_path: Path) -> No
         line = stack.start_service(mongo)
         assert line.startswith(f"mongo: up (pid {os.getpid()})")
         assert "older install: `scripts/stack stop` then `scripts/stack up`" in line
+
+
+@pytest.mark.parametrize("changed", ["run.sh", "install.sh", "pom.xml", "src/Extra.java"])
+def test_the_stamp_changes_with_what_builds_or_starts_the_server(tmp_path: Path, changed) -> None:
+    """The heap is set in run.sh and the build in install.sh: a change to either is a server
+    the running one is not, as much as a change to the pom or a source."""
+    copy = tmp_path / "mongo"
+    shutil.copytree(ROOT / "localstack" / "mongo", copy)
+
+    def stamp() -> str:
+        return subprocess.run(
+            ["bash", str(copy / "install.sh"), "--stamp"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.strip()
+
+    before = stamp()
+    with (copy / changed).open("a") as out:
+        out.write("\n")
+    assert stamp() != before
