@@ -108,19 +108,24 @@ final class IndexSafeH2Backend extends H2Backend {
 
     private final ReplyBatches replyBatches;
 
-    private IndexSafeH2Backend(MVStore mvStore) {
+    private IndexSafeH2Backend(MVStore mvStore, long cursorTimeoutMillis, long cursorMemoryBytes) {
         super(mvStore);
-        replyBatches = new ReplyBatches(getCursorRegistry());
+        replyBatches = new ReplyBatches(getCursorRegistry(), cursorTimeoutMillis,
+                                        cursorMemoryBytes);
     }
 
     /**
      * Opens the store and the databases in it. With {@code cachedIndexKeys} the unique indexes
      * use {@link IndexKeyType}; without, the library's own key type (same format and order).
      * With {@code secondaryIndexes} non-unique indexes are kept and used ({@link SecondaryIndex});
-     * without, they are listed but do nothing, as in the library.
+     * without, they are listed but do nothing, as in the library. A cursor idle for
+     * {@code cursorTimeoutMillis} is closed, and the open cursors hold at most
+     * {@code cursorMemoryBytes} of documents ({@link ReplyBatches}).
      */
     static synchronized IndexSafeH2Backend openStore(String fileName, boolean cachedIndexKeys,
-                                                     boolean secondaryIndexes) {
+                                                     boolean secondaryIndexes,
+                                                     long cursorTimeoutMillis,
+                                                     long cursorMemoryBytes) {
         if (store != null) {
             throw new IllegalStateException("this process already holds a store");
         }
@@ -128,7 +133,24 @@ final class IndexSafeH2Backend extends H2Backend {
         IndexSafeH2Backend.secondaryIndexes = secondaryIndexes;
         store = new MVStore.Builder().fileName(fileName).cacheSize(PAGE_CACHE_MB)
             .autoCompactFillRate(AUTO_COMPACT_FILL_RATE).open();
-        return new IndexSafeH2Backend(store);
+        return new IndexSafeH2Backend(store, cursorTimeoutMillis, cursorMemoryBytes);
+    }
+
+    /** The library's status, with the cursors our backend has closed for being idle. */
+    @Override
+    public Document getServerStatus() {
+        Document status = super.getServerStatus();
+        if (status.get("metrics") instanceof Document metrics
+            && metrics.get("cursor") instanceof Document cursor) {
+            cursor.put("timedOut", replyBatches.timedOut());
+        }
+        return status;
+    }
+
+    @Override
+    public void close() {
+        replyBatches.close();
+        super.close();
     }
 
     /**

@@ -34,12 +34,19 @@ import de.bwaldvogel.mongo.backend.h2.H2Backend;
  * {@link SecondaryIndex}) or {@code library} (listed but inert, every such query a scan). They
  * are held in memory and rebuilt when the store opens, so the store's format does not depend on
  * it either.
+ *
+ * <p>The system property {@code snapmap.mongo.cursorTimeoutMillis} is how long a cursor may go
+ * unread before it is closed (600000, MongoDB's default, unless set), and
+ * {@code snapmap.mongo.cursorMemoryMiB} how many MiB of documents (as BSON) the open cursors
+ * may hold together (512 unless set); see {@link ReplyBatches}.
  */
 public final class LocalMongoServer {
 
     static final String STORE_FILE = "snapmap.mv.db";
     static final String INDEX_KEYS_PROPERTY = "snapmap.mongo.indexKeys";
     static final String SECONDARY_INDEXES_PROPERTY = "snapmap.mongo.secondaryIndexes";
+    static final String CURSOR_TIMEOUT_PROPERTY = "snapmap.mongo.cursorTimeoutMillis";
+    static final String CURSOR_MEMORY_PROPERTY = "snapmap.mongo.cursorMemoryMiB";
 
     /**
      * What the server tells drivers it is. The library's own choices all announce wire version 8
@@ -84,13 +91,19 @@ public final class LocalMongoServer {
                                + secondaryIndexes + "'");
             System.exit(2);
         }
+        long cursorTimeoutMillis = positiveLong(CURSOR_TIMEOUT_PROPERTY,
+                                                ReplyBatches.DEFAULT_IDLE_TIMEOUT_MILLIS);
+        long cursorMemoryMiB = positiveLong(CURSOR_MEMORY_PROPERTY,
+                                            ReplyBatches.DEFAULT_MEMORY_MIB);
 
         H2Backend backend;
         try {
             Files.createDirectories(store.getParent());
             backend = IndexSafeH2Backend.openStore(store.toString(),
                                                    indexKeys.equals("cached"),
-                                                   secondaryIndexes.equals("kept"));
+                                                   secondaryIndexes.equals("kept"),
+                                                   cursorTimeoutMillis,
+                                                   cursorMemoryMiB * 1024 * 1024);
         } catch (IOException | RuntimeException e) {
             // The usual cause is another server still holding the store's file lock.
             System.err.println("cannot open data store " + store + ": " + e.getMessage());
@@ -123,6 +136,31 @@ public final class LocalMongoServer {
                  secondaryIndexes.equals("kept") ? "kept in memory and used by queries"
                                                  : "listed only, as in the library",
                  SECONDARY_INDEXES_PROPERTY, secondaryIndexes);
+        log.info("cursors are closed after {} ms unread ({}), and the least recently used when"
+                 + " the open ones would hold more than {} MiB of documents ({})",
+                 cursorTimeoutMillis, CURSOR_TIMEOUT_PROPERTY, cursorMemoryMiB,
+                 CURSOR_MEMORY_PROPERTY);
+    }
+
+    /** A system property that must be a whole number above 0, or its default when unset. */
+    private static long positiveLong(String property, long defaultValue) {
+        String text = System.getProperty(property);
+        if (text == null) {
+            return defaultValue;
+        }
+        try {
+            long value = Long.parseLong(text.trim());
+            // At most 2^40 (milliseconds or MiB): beyond that nothing changes but overflow.
+            if (value > 0 && value <= 1L << 40) {
+                return value;
+            }
+        } catch (NumberFormatException e) {
+            // reported below
+        }
+        System.err.println(property + " must be a whole number from 1 to 2^40, got '" + text
+                           + "'");
+        System.exit(2);
+        return -1;
     }
 
     private static int parsePort(String text) {

@@ -1,11 +1,18 @@
 package snapmap.localstack.mongo;
 
 import java.util.ArrayList;
+import java.util.Comparator;
 import java.util.List;
 import java.util.Map;
 import java.util.concurrent.ConcurrentHashMap;
+import java.util.concurrent.Executors;
+import java.util.concurrent.ScheduledExecutorService;
 import java.util.concurrent.ThreadLocalRandom;
 import java.util.concurrent.TimeUnit;
+import java.util.concurrent.atomic.AtomicLong;
+
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
 
 import de.bwaldvogel.mongo.backend.Cursor;
 import de.bwaldvogel.mongo.backend.CursorRegistry;
@@ -34,9 +41,10 @@ import io.netty.buffer.Unpooled;
  * <li>a {@code getMore} without {@code batchSize} (or with 0) is limited by size only;</li>
  * <li>a {@code find} with {@code singleBatch} gets one batch ({@code batchSize} documents when
  *     the client gives one) and no cursor;</li>
- * <li>a cursor idle for 10 minutes is closed, as MongoDB's default
- *     {@code cursorTimeoutMillis} does: a client that dies without closing its cursors would
- *     otherwise leave their documents in the server's heap for good;</li>
+ * <li>a cursor idle for 10 minutes (MongoDB's default {@code cursorTimeoutMillis}; the
+ *     server's {@code snapmap.mongo.cursorTimeoutMillis}) is closed by a sweep every few
+ *     seconds, whether or not any other request comes: a client that dies without closing its
+ *     cursors would otherwise leave their documents in the server's heap for good;</li>
  * <li>a cursor's id is random, as MongoDB's are, and a {@code getMore} must name the
  *     cursor's own namespace: the library numbers cursors 1, 2, 3... from each start, so a
  *     client still holding a cursor from before a restart continued, without an error, the
@@ -44,6 +52,14 @@ import io.netty.buffer.Unpooled;
  * </ul>
  * The documents and their order are the library's: it has matched, sorted, skipped, limited and
  * projected all of them before the first batch is cut, as before.
+ *
+ * <p>Unlike MongoDB, which reads a cursor's documents from the collection as they are asked
+ * for, a cursor here holds the rest of its answer in the heap (an aggregate's computed
+ * documents are its own copy). So the open cursors may hold at most a set number of bytes of
+ * documents, measured as BSON (the server's {@code snapmap.mongo.cursorMemoryMiB}, 512 MiB by
+ * default): a new cursor that would take them over that closes the least recently used other
+ * cursors first, and a client that asks one of those for more gets CursorNotFound (43), as
+ * after a timeout. A cursor larger than the limit on its own is still opened.
  */
 final class ReplyBatches {
 
@@ -54,14 +70,50 @@ final class ReplyBatches {
     /** Our cursor ids start here, above the library's own sequential ones. */
     private static final long FIRST_RANDOM_ID = 1L << 32;
     /** MongoDB's default cursorTimeoutMillis. */
-    static final long IDLE_TIMEOUT_NANOS = TimeUnit.MINUTES.toNanos(10);
+    static final long DEFAULT_IDLE_TIMEOUT_MILLIS = TimeUnit.MINUTES.toMillis(10);
+    /** What the open cursors may hold by default, in MiB of BSON. */
+    static final long DEFAULT_MEMORY_MIB = 512;
+    /** The idle cursors are looked for this often at most (MongoDB's own sweep: 4 s). */
+    private static final long SWEEP_PERIOD_MILLIS = 4000;
+
+    private static final Logger log = LoggerFactory.getLogger(ReplyBatches.class);
 
     private final CursorRegistry registry;
+    private final long idleTimeoutNanos;
+    private final long maxHeldBytes;
     /** The cursors of ours that the client may still ask for, by id. */
     private final Map<Long, BatchCursor> open = new ConcurrentHashMap<>();
+    /** Taken to open a cursor, so that two opened at once do not both pass the limit. */
+    private final Object admission = new Object();
+    private final AtomicLong timedOut = new AtomicLong();
+    private final ScheduledExecutorService sweeper;
 
-    ReplyBatches(CursorRegistry registry) {
+    /**
+     * Closes the cursors idle for {@code idleTimeoutMillis}, looked for every 4 s (or every
+     * quarter of the timeout when that is shorter), and keeps the documents the open cursors
+     * hold to {@code maxHeldBytes}.
+     */
+    ReplyBatches(CursorRegistry registry, long idleTimeoutMillis, long maxHeldBytes) {
         this.registry = registry;
+        this.idleTimeoutNanos = TimeUnit.MILLISECONDS.toNanos(idleTimeoutMillis);
+        this.maxHeldBytes = maxHeldBytes;
+        long period = Math.max(10, Math.min(SWEEP_PERIOD_MILLIS, idleTimeoutMillis / 4));
+        sweeper = Executors.newSingleThreadScheduledExecutor(task -> {
+            Thread thread = new Thread(task, "cursor-timeout");
+            thread.setDaemon(true);
+            return thread;
+        });
+        sweeper.scheduleWithFixedDelay(this::sweep, period, period, TimeUnit.MILLISECONDS);
+    }
+
+    /** Stops the sweeps (the cursors themselves go with the process). */
+    void close() {
+        sweeper.shutdownNow();
+    }
+
+    /** How many cursors have been closed for being idle too long, as serverStatus reports. */
+    long timedOut() {
+        return timedOut.get();
     }
 
     /**
@@ -107,18 +159,84 @@ final class ReplyBatches {
         cursorDocument.put("firstBatch", new ArrayList<>(documents.subList(0, end)));
         long cursorId = 0;
         if (end < documents.size() && !singleBatch) {
-            expireIdleCursors();
             String namespace = String.valueOf(cursorDocument.get("ns"));
-            BatchCursor cursor;
-            do {
-                long id = ThreadLocalRandom.current().nextLong(FIRST_RANDOM_ID, Long.MAX_VALUE);
-                cursor = new BatchCursor(id, namespace, documents, end);
-            } while (open.putIfAbsent(cursor.getId(), cursor) != null);
-            registry.add(cursor);
-            cursorId = cursor.getId();
+            // Each document left is measured here once; the getMores cut their batches by
+            // these sizes, and the open cursors are held to their limit by them.
+            int[] sizes = new int[documents.size()];
+            long bytes = 0;
+            ByteBuf buffer = Unpooled.buffer();
+            try {
+                for (int i = end; i < documents.size(); i++) {
+                    sizes[i] = bsonSize(documents.get(i), buffer);
+                    bytes += sizes[i];
+                }
+            } finally {
+                buffer.release();
+            }
+            synchronized (admission) {
+                expireIdleCursors();
+                makeRoom(bytes);
+                BatchCursor cursor;
+                do {
+                    long id = ThreadLocalRandom.current().nextLong(FIRST_RANDOM_ID,
+                                                                   Long.MAX_VALUE);
+                    cursor = new BatchCursor(id, namespace, documents, sizes, end, bytes);
+                } while (open.putIfAbsent(cursor.getId(), cursor) != null);
+                registry.add(cursor);
+                cursorId = cursor.getId();
+            }
         }
         cursorDocument.put("id", cursorId);
         return response;
+    }
+
+    /**
+     * Closes the least recently used cursors until a new one of {@code bytes} fits beside the
+     * rest within the limit; a cursor serving a getMore right now is left open. When the new
+     * cursor is larger than the limit on its own, every other cursor is closed.
+     */
+    private void makeRoom(long bytes) {
+        long held = 0;
+        for (BatchCursor cursor : open.values()) {
+            held += cursor.heldBytes;
+        }
+        if (held + bytes <= maxHeldBytes) {
+            return;
+        }
+        // Their times of last use are taken once: a getMore may change one during the sort.
+        List<LastUse> byLastUse = new ArrayList<>();
+        for (BatchCursor cursor : open.values()) {
+            byLastUse.add(new LastUse(cursor.lastUsed, cursor));
+        }
+        byLastUse.sort(Comparator.comparingLong(LastUse::nanos));
+        for (LastUse lastUse : byLastUse) {
+            BatchCursor cursor = lastUse.cursor();
+            if (held + bytes <= maxHeldBytes) {
+                break;
+            }
+            if (cursor.busy) {
+                continue;
+            }
+            long freed = cursor.heldBytes;
+            if (close(cursor)) {
+                held -= freed;
+                log.info("closed cursor {} of {} holding {} bytes of documents, unread for {} ms:"
+                         + " a new cursor of {} bytes would have taken the open ones over {}"
+                         + " bytes", cursor.getId(), cursor.namespace, freed,
+                         TimeUnit.NANOSECONDS.toMillis(System.nanoTime() - cursor.lastUsed),
+                         bytes, maxHeldBytes);
+            }
+        }
+    }
+
+    private record LastUse(long nanos, BatchCursor cursor) {
+    }
+
+    /** Forgets a cursor; false when it was already gone (read to its end, killed, closed). */
+    private boolean close(BatchCursor cursor) {
+        boolean removed = open.remove(cursor.getId(), cursor);
+        registry.remove(cursor.getId());
+        return removed;
     }
 
     /**
@@ -149,13 +267,23 @@ final class ReplyBatches {
         }
     }
 
-    /** Closes the cursors no client has asked for in {@link #IDLE_TIMEOUT_NANOS}. */
+    /** The sweeper's task; an exception must not end the sweeps. */
+    private void sweep() {
+        try {
+            expireIdleCursors();
+        } catch (RuntimeException e) {
+            log.warn("sweeping idle cursors failed", e);
+        }
+    }
+
+    /** Closes the cursors no client has asked for in the idle timeout. */
     private void expireIdleCursors() {
         long now = System.nanoTime();
         for (BatchCursor cursor : open.values()) {
-            if (now - cursor.lastUsed > IDLE_TIMEOUT_NANOS) {
-                open.remove(cursor.getId());
-                registry.remove(cursor.getId());
+            if (!cursor.busy && now - cursor.lastUsed > idleTimeoutNanos && close(cursor)) {
+                timedOut.incrementAndGet();
+                log.info("closed cursor {} of {}: unread for {} ms", cursor.getId(),
+                         cursor.namespace, TimeUnit.NANOSECONDS.toMillis(now - cursor.lastUsed));
             }
         }
     }
@@ -174,9 +302,7 @@ final class ReplyBatches {
                 if (buffer == null) {
                     buffer = Unpooled.buffer();
                 }
-                buffer.clear();
-                BsonEncoder.encodeDocument(documents.get(end), buffer);
-                int size = buffer.readableBytes();
+                int size = bsonSize(documents.get(end), buffer);
                 if (end > from && bytes + size > MAX_BATCH_BYTES) {
                     break;
                 }
@@ -191,6 +317,26 @@ final class ReplyBatches {
         return end;
     }
 
+    /** As {@link #batchEnd(List, int, int)}, with each document's size already measured. */
+    static int batchEnd(int[] sizes, int from, int count) {
+        int end = from;
+        long bytes = 0;
+        while (end < sizes.length && end - from < count) {
+            if (end > from && bytes + sizes[end] > MAX_BATCH_BYTES) {
+                break;
+            }
+            bytes += sizes[end];
+            end++;
+        }
+        return end;
+    }
+
+    private static int bsonSize(Document document, ByteBuf buffer) {
+        buffer.clear();
+        BsonEncoder.encodeDocument(document, buffer);
+        return buffer.readableBytes();
+    }
+
     /**
      * The documents of a find or aggregate after its first batch. Each document is let go once
      * it has been sent, so a cursor read to its end holds less and less of the heap.
@@ -200,14 +346,23 @@ final class ReplyBatches {
         private final long id;
         private final String namespace;
         private final List<Document> documents;
+        /** Each document's BSON size, measured when the cursor was opened. */
+        private final int[] sizes;
         private int next;
         private volatile long lastUsed = System.nanoTime();
+        /** The BSON bytes of the documents not sent yet. */
+        private volatile long heldBytes;
+        /** Whether a getMore is taking a batch from it now. */
+        private volatile boolean busy;
 
-        BatchCursor(long id, String namespace, List<Document> documents, int next) {
+        BatchCursor(long id, String namespace, List<Document> documents, int[] sizes, int next,
+                    long heldBytes) {
             this.id = id;
             this.namespace = namespace;
             this.documents = documents;
+            this.sizes = sizes;
             this.next = next;
+            this.heldBytes = heldBytes;
             for (int i = 0; i < next; i++) {
                 documents.set(i, null);
             }
@@ -227,18 +382,27 @@ final class ReplyBatches {
          * as for a getMore without batchSize), and at most {@link #MAX_BATCH_BYTES}. */
         @Override
         public synchronized List<Document> takeDocuments(int numberToReturn) {
-            lastUsed = System.nanoTime();
-            int count = numberToReturn > 0 ? numberToReturn : Integer.MAX_VALUE;
-            int end = batchEnd(documents, next, count);
-            List<Document> batch = new ArrayList<>(documents.subList(next, end));
-            for (int i = next; i < end; i++) {
-                documents.set(i, null);
+            busy = true;
+            try {
+                lastUsed = System.nanoTime();
+                int count = numberToReturn > 0 ? numberToReturn : Integer.MAX_VALUE;
+                int end = batchEnd(sizes, next, count);
+                List<Document> batch = new ArrayList<>(documents.subList(next, end));
+                long sent = 0;
+                for (int i = next; i < end; i++) {
+                    documents.set(i, null);
+                    sent += sizes[i];
+                }
+                next = end;
+                heldBytes -= sent;
+                if (isEmpty()) {
+                    open.remove(id);
+                }
+                return batch;
+            } finally {
+                lastUsed = System.nanoTime();
+                busy = false;
             }
-            next = end;
-            if (isEmpty()) {
-                open.remove(id);
-            }
-            return batch;
         }
 
         @Override
