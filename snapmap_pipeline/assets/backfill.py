@@ -76,12 +76,22 @@ class DayReport:
     event_sizes: dict[int, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class DayChunk:
+    """Ids of consecutive photos of a day in ``(takenAt, _id)`` order, and the ``takenAt`` of
+    the first and the last of them."""
+
+    ids: list[str]
+    first: datetime
+    last: datetime
+
+
 def day_photo_chunks(
     db: Database, start: datetime, end: datetime, chunk_size: int
-) -> Iterator[list[str]]:
-    """Ids of the photos taken in ``[start, end)``, in ``(takenAt, _id)`` order, ``chunk_size``
-    at a time. Each chunk is its own query resuming after the last photo of the previous one,
-    so no server cursor stays open while a chunk is reclustered."""
+) -> Iterator[DayChunk]:
+    """The photos taken in ``[start, end)``, in ``(takenAt, _id)`` order, ``chunk_size`` at a
+    time. Each chunk is its own query resuming after the last photo of the previous one, so
+    no server cursor stays open while a chunk is reclustered."""
     after: dict = {}
     while True:
         query: dict = {"takenAt": {"$gte": start, "$lt": end}}
@@ -104,7 +114,9 @@ def day_photo_chunks(
         )
         if not documents:
             return
-        yield [d["_id"] for d in documents]
+        yield DayChunk(
+            [d["_id"] for d in documents], documents[0]["takenAt"], documents[-1]["takenAt"]
+        )
         if len(documents) < chunk_size:
             return
         after = documents[-1]
@@ -129,10 +141,15 @@ def recluster_day(
     reclustered: set[str] = set()
     for chunk in day_photo_chunks(db, start, end, chunk_size):
         report.chunks += 1
-        report.photos += len(chunk)
-        seed = [photo_id for photo_id in chunk if photo_id not in reclustered]
-        report.seed_photos_in_earlier_closures += len(chunk) - len(seed)
-        report.recluster.merge(recluster(db, seed, params, reclustered=reclustered))
+        report.photos += len(chunk.ids)
+        seed = [photo_id for photo_id in chunk.ids if photo_id not in reclustered]
+        report.seed_photos_in_earlier_closures += len(chunk.ids) - len(seed)
+        # The chunk's time range is read whole: the seed and its neighbours inside it in one
+        # range query instead of reads by id and by (cell, takenAt).
+        between = (chunk.first, chunk.last)
+        report.recluster.merge(
+            recluster(db, seed, params, reclustered=reclustered, taken_between=between)
+        )
         applied, changed = apply_all_links(db)
         report.links_applied += applied
         report.photos_relinked += changed
@@ -141,8 +158,8 @@ def recluster_day(
             "applied (%d photos relinked)",
             start.date().isoformat(),
             report.chunks,
-            len(chunk),
-            len(chunk) - len(seed),
+            len(chunk.ids),
+            len(chunk.ids) - len(seed),
             applied,
             changed,
         )

@@ -29,6 +29,7 @@ import time
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from pymongo import UpdateOne
 from pymongo.database import Database
@@ -115,6 +116,7 @@ def recluster(
     params: ClusterParams,
     also_events: Iterable[str] = (),
     reclustered: set[str] | None = None,
+    taken_between: tuple[datetime, datetime] | None = None,
 ) -> ReclusterReport:
     """Recluster the closure of ``seed_ids`` (plus the members of ``also_events``, for photos
     that moved away from an event). Retries on a write conflict with fresh state.
@@ -122,13 +124,19 @@ def recluster(
     ``reclustered``, when given, gains the ids of the closure once its result is written: by
     the locality theorem (``clustering.locality``) the closure is a union of whole linked
     components, each computed exactly, so a caller working through many seeds (a day's
-    chunks) need not recluster those photos again."""
+    chunks) need not recluster those photos again.
+
+    ``taken_between``, when given, is a closed range of ``takenAt`` that holds most of the
+    seed (a day's chunk): every photo taken in it is read with one range query under the
+    lease, in place of the seed's reads by id and of the neighbourhood queries inside the
+    range. Photos of the range that are not seeds are known to the closure load, which adds
+    those linked to the seed as it would add fetched ones."""
     seed = sorted(set(seed_ids))
     if not seed:
         return ReclusterReport()
     for attempt in range(1, MAX_CONFLICT_RETRIES + 1):
         try:
-            return _recluster_once(db, seed, params, set(also_events), reclustered)
+            return _recluster_once(db, seed, params, set(also_events), reclustered, taken_between)
         except WriteConflict as conflict:
             log.warning("recluster attempt %d lost a race (%s); retrying", attempt, conflict)
     raise WriteConflict(f"recluster lost {MAX_CONFLICT_RETRIES} races in a row")
@@ -140,17 +148,26 @@ def _recluster_once(
     params: ClusterParams,
     also_events: set[str],
     reclustered: set[str] | None,
+    taken_between: tuple[datetime, datetime] | None,
 ) -> ReclusterReport:
     report = ReclusterReport(seed_photos=len(seed_ids))
     clock = _Clock(report)
     with clustering_lease(db) as token:
         report.lease_token = token
-        docs = _photos_by(db, "_id", seed_ids)
-        _fill_missing_cells(db, docs.values())
+        load = _ClosureLoad(db, params)
+        known: dict[str, dict] = {}
+        if taken_between is not None:
+            known = _photos_taken_between(db, *taken_between)
+            load.know(known, *taken_between)
+        docs = {photo_id: known[photo_id] for photo_id in seed_ids if photo_id in known}
+        # Seeds outside the range (or all of them, without one): their takenAt moved since
+        # the caller chose them, or no range was given.
+        docs.update(_photos_by(db, "_id", [i for i in seed_ids if i not in known]))
         for photo_id, doc in _photos_by(db, "eventId", sorted(also_events)).items():
             docs.setdefault(photo_id, doc)
-        load = _ClosureLoad(db, params)
         docs.update(load.grow(docs))
+        # Photos the upload backend wrote alone have no cell until a closure holds them.
+        _fill_missing_cells(db, docs.values())
         report.closure_rounds = load.rounds
         report.closure_queries = load.queries
         report.photos_fetched = load.photos_fetched
@@ -195,6 +212,16 @@ def _recluster_once(
     return report
 
 
+def _photos_taken_between(db: Database, first: datetime, last: datetime) -> dict[str, dict]:
+    """Every photo taken in the closed range ``[first, last]``, minus dead-lettered ones."""
+    query = {"takenAt": {"$gte": first, "$lte": last}}
+    return {
+        doc["_id"]: doc
+        for doc in db.photos.find(query, _LOAD_FIELDS, batch_size=_REPLY_DOCS)
+        if not doc.get("deadLettered")
+    }
+
+
 def _photos_by(db: Database, field_name: str, values: Iterable[str]) -> dict[str, dict]:
     """Photo documents whose ``field_name`` (``_id`` or ``eventId``, both indexed) is one of
     ``values``, minus dead-lettered photos, by id."""
@@ -222,14 +249,28 @@ class _ClosureLoad:
         # their cells share one branch of the query.
         self._grid_us = max(self._window_us, 1_000)
         self._fetched: dict[int, list[tuple[int, int]]] = {}
+        # A time range read for every cell at once (``know``), and the photos read in it.
+        self._everywhere: list[tuple[int, int]] = []
+        self._known: dict[str, dict] = {}
         self.rounds = 0
         self.queries = 0
         self.photos_fetched = 0
 
+    def know(self, docs: dict[str, dict], first: datetime, last: datetime) -> None:
+        """``docs`` are every stored photo taken in ``[first, last]``, whatever its cell (dead-
+        lettered ones left out): they join the closure like fetched photos when linked to it,
+        and that range is never asked for again."""
+        self._known = docs
+        self._everywhere = [(epoch_us(first), epoch_us(last))]
+
     def grow(self, seed_docs: dict[str, dict]) -> dict[str, dict]:
         """The documents of the stored photos that join the seed's closure (seed excluded)."""
         members = {photo_id: to_point(doc) for photo_id, doc in seed_docs.items()}
-        pool: dict[str, tuple[dict, PhotoPoint]] = {}
+        pool: dict[str, tuple[dict, PhotoPoint]] = {
+            photo_id: (doc, to_point(doc))
+            for photo_id, doc in self._known.items()
+            if photo_id not in members
+        }
         joined: dict[str, dict] = {}
         frontier = list(members.values())
         while frontier:
@@ -246,12 +287,16 @@ class _ClosureLoad:
     def _covered(self, photo: PhotoPoint) -> bool:
         """Whether every stored photo that may be linked to ``photo`` was fetched already."""
         taken_us = epoch_us(photo.taken_at)
-        low, high = taken_us - self._window_us, taken_us + self._window_us
+        wanted = [(taken_us - self._window_us, taken_us + self._window_us)]
+        rest = _minus(wanted, self._everywhere)
+        if not rest:
+            return True
         for cell in cells_near(photo.lon, photo.lat, self._reach_m):
             ranges = self._fetched.get(cell, ())
-            i = bisect_right(ranges, (low, _LATEST)) - 1
-            if i < 0 or ranges[i][1] < high:
-                return False
+            for low, high in rest:
+                i = bisect_right(ranges, (low, _LATEST)) - 1
+                if i < 0 or ranges[i][1] < high:
+                    return False
         return True
 
     def _fetch_round(self, photos: list[PhotoPoint]) -> list[dict]:
@@ -271,7 +316,8 @@ class _ClosureLoad:
 
         branches: dict[tuple[int, int], list[int]] = {}
         for cell, ranges in wanted.items():
-            for piece in _minus(_merged(ranges), self._fetched.get(cell, [])):
+            outside = _minus(_merged(ranges), self._everywhere)
+            for piece in _minus(outside, self._fetched.get(cell, [])):
                 branches.setdefault(piece, []).append(cell)
             self._fetched[cell] = _merged(self._fetched.get(cell, []) + ranges)
 

@@ -88,5 +88,8 @@ def test_any_chunk_size_leaves_the_canonical_events(
     assert {e: d["photoCount"] for e, d in live.items()} == {
         e: ev.photo_count for e, ev in expected.events.items()
     }
+    # Every photo was in a closure, so each has its cell now: later neighbourhood loads find
+    # it, even if a chunk skipped it as a seed.
+    assert db.photos.count_documents({"cell": {"$exists": False}}) == 0
     assert report.photos == len(photos)
     assert report.recluster.seed_photos + report.seed_photos_in_earlier_closures == len(photos)

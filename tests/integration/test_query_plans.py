@@ -633,7 +633,8 @@ def test_a_daily_backfill_loads_one_day_by_index(large, record_property):
     end = start + timedelta(days=1)
     pages, mon = monitored(large.uri, large.database), monitored(large.uri, large.database)
     try:
-        (chunk,) = list(day_photo_chunks(pages.db, start, end, 50_000))
+        (day,) = list(day_photo_chunks(pages.db, start, end, 50_000))
+        chunk = day.ids
         assert set(chunk) == {i for t, i in large.world.by_time if start <= t < end}
         assert command_problems(pages.plain[large.database], pages.log) == []
         (day_read,) = pages.log.reads()
