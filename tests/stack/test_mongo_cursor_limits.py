@@ -27,70 +27,30 @@ It starts its own servers, on 127.0.0.1 and a free port, from the stack's build 
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from pymongo import MongoClient
-from pymongo.errors import OperationFailure, PyMongoError
+from pymongo.errors import OperationFailure
 
-from tests.stack.test_mongo_index_keys import build_dir, free_port  # noqa: F401 - a fixture
-from tests.stack.test_pid_file import ROOT
+from tests.stack.mongo_server import own_server, stack_build
 
 pytestmark = pytest.mark.stack
 
-JAVA_OPTS = "-Xms64m -Xmx512m -XX:+UseSerialGC"
 CURSOR_NOT_FOUND = 43
 PAD = 128 * 1024
 DOCUMENTS = 40  # of 128 KiB: with the computed copy, about 10 MiB in each aggregate's cursor
 ADD_FIELD = [{"$addFields": {"p2": {"$concat": ["$pad", "y"]}}}]
 
 
-@contextmanager
-def server(build: Path, tmp_path: Path, properties: str) -> Iterator[MongoClient]:
-    """A server of its own with these -D properties, stopped by SIGTERM at the end; yields a
-    client. Its output is left in tmp_path/server.log."""
-    port = free_port()
-    log = tmp_path / "server.log"
-    env = dict(os.environ, MONGO_JAVA_OPTS=f"{JAVA_OPTS} {properties}")
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            ["bash", str(ROOT / "localstack" / "mongo" / "run.sh"), str(build), "127.0.0.1"]
-            + [str(port), str(tmp_path / "data")],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            # The suite's process may ignore SIGTERM (see test_mongo_index_keys.py).
-            preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL),
-        )
-    client = MongoClient(f"mongodb://127.0.0.1:{port}/", serverSelectionTimeoutMS=1000)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client.admin.command("ping")
-                break
-            except PyMongoError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"the server did not start:\n{log.read_text()}")
-                time.sleep(0.2)
-        yield client
-    finally:
-        client.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+@pytest.fixture(scope="module")
+def build_dir() -> Path:
+    return stack_build()
+
+
+def server(build: Path, tmp_path: Path, properties: str):
+    return own_server(build, tmp_path / "data", tmp_path / "server.log", properties)
 
 
 def cursor_metrics(client: MongoClient) -> dict:
@@ -119,7 +79,7 @@ def assert_closed(db, collection: str, cursor_id: int) -> None:
     assert refused.value.code == CURSOR_NOT_FOUND
 
 
-def test_an_idle_cursor_is_closed_without_further_queries(build_dir, tmp_path):  # noqa: F811
+def test_an_idle_cursor_is_closed_without_further_queries(build_dir, tmp_path):
     properties = "-Dsnapmap.mongo.cursorTimeoutMillis=2000"
     with server(build_dir, tmp_path, properties) as client:
         db = client.test
@@ -140,7 +100,7 @@ def test_an_idle_cursor_is_closed_without_further_queries(build_dir, tmp_path): 
         assert_closed(db, "photos", cursor_id)
 
 
-def test_open_cursors_are_held_to_their_memory_limit(build_dir, tmp_path):  # noqa: F811
+def test_open_cursors_are_held_to_their_memory_limit(build_dir, tmp_path):
     properties = "-Dsnapmap.mongo.cursorMemoryMiB=24"
     with server(build_dir, tmp_path, properties) as client:
         db = client.test

@@ -27,87 +27,31 @@ It starts its own servers, on 127.0.0.1 and a free port, from the stack's build 
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 from bson import ObjectId
-from pymongo import ASCENDING, MongoClient, UpdateOne
-from pymongo.errors import BulkWriteError, PyMongoError
+from pymongo import ASCENDING, UpdateOne
+from pymongo.errors import BulkWriteError
 
-from tests.stack.test_pid_file import ROOT, stack
+from tests.stack.mongo_server import own_server, stack_build
 
 pytestmark = pytest.mark.stack
 
 KEYS = 600  # documents to begin with (900 at the end); each has three unique keys
-JAVA_OPTS = "-Xms64m -Xmx512m -XX:+UseSerialGC"
 CACHED_LOG_LINE = "unique index keys are compared by their cached serialised form"
 SLOW_WARNING = "compares its keys the library's slow way"
 
 
 @pytest.fixture(scope="module")
 def build_dir() -> Path:
-    """The stack's build of the server, brought up to date (a no-op when it is)."""
-    mongo = stack.Mongo(stack.Config.from_env(dict(os.environ)))
-    mongo.install()
-    return mongo.build_dir
+    return stack_build()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def server(build: Path, data_dir: Path, index_keys: str, log: Path) -> Iterator[MongoClient]:
-    """The server on `data_dir`, comparing index keys the `index_keys` way, stopped by SIGTERM
-    (which closes the store) at the end; yields a client, and leaves the server's output in
-    `log`."""
-    port = free_port()
-    env = dict(os.environ, MONGO_JAVA_OPTS=f"{JAVA_OPTS} -Dsnapmap.mongo.indexKeys={index_keys}")
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            ["bash", str(ROOT / "localstack" / "mongo" / "run.sh"), str(build), "127.0.0.1"]
-            + [str(port), str(data_dir)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            # The suite's process ignores SIGTERM once a Dagster job has run in it (Dagster
-            # copies SIGINT's disposition, ignored under CI); the JVM would inherit that.
-            preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL),
-        )
-    client = MongoClient(f"mongodb://127.0.0.1:{port}/", serverSelectionTimeoutMS=1000)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client.admin.command("ping")
-                break
-            except PyMongoError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"the server did not start:\n{log.read_text()}")
-                time.sleep(0.2)
-        yield client
-    finally:
-        client.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"the server did not stop within 30 s of SIGTERM:\n{log.read_text()}")
+def server(build: Path, data_dir: Path, index_keys: str, log: Path):
+    """The server on `data_dir`, comparing index keys the `index_keys` way."""
+    return own_server(build, data_dir, log, f"-Dsnapmap.mongo.indexKeys={index_keys}")
 
 
 def mixed_value(i: int) -> object:
