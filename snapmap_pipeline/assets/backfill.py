@@ -144,8 +144,9 @@ def recluster_day(
         report.photos += len(chunk.ids)
         seed = [photo_id for photo_id in chunk.ids if photo_id not in reclustered]
         report.seed_photos_in_earlier_closures += len(chunk.ids) - len(seed)
-        # The chunk's time range is read whole: the seed and its neighbours inside it in one
-        # range query instead of reads by id and by (cell, takenAt).
+        # The chunk's time range is read whole, its end instants excepted (photos sharing one
+        # takenAt can outnumber a chunk): the seed and its neighbours inside it in one range
+        # query instead of reads by id and by (cell, takenAt).
         between = (chunk.first, chunk.last)
         report.recluster.merge(
             recluster(db, seed, params, reclustered=reclustered, taken_between=between)

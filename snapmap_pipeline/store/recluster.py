@@ -126,11 +126,14 @@ def recluster(
     components, each computed exactly, so a caller working through many seeds (a day's
     chunks) need not recluster those photos again.
 
-    ``taken_between``, when given, is a closed range of ``takenAt`` that holds most of the
-    seed (a day's chunk): every photo taken in it is read with one range query under the
-    lease, in place of the seed's reads by id and of the neighbourhood queries inside the
+    ``taken_between``, when given, is the ``takenAt`` of the first and the last seed photo (a
+    day's chunk): every photo taken strictly between them is read with one range query under
+    the lease, in place of the seed's reads by id and of the neighbourhood queries inside that
     range. Photos of the range that are not seeds are known to the closure load, which adds
-    those linked to the seed as it would add fetched ones."""
+    those linked to the seed as it would add fetched ones. The two end instants themselves are
+    read as without a range (seeds by id, neighbours by cell): any number of photos may share
+    one ``takenAt`` (a camera that stamps only the date), and a range closed on them would hold
+    all of those photos in every chunk that ends or starts there."""
     seed = sorted(set(seed_ids))
     if not seed:
         return ReclusterReport()
@@ -213,8 +216,10 @@ def _recluster_once(
 
 
 def _photos_taken_between(db: Database, first: datetime, last: datetime) -> dict[str, dict]:
-    """Every photo taken in the closed range ``[first, last]``, minus dead-lettered ones."""
-    query = {"takenAt": {"$gte": first, "$lte": last}}
+    """Every photo taken in the open range ``(first, last)``, minus dead-lettered ones."""
+    if last <= first:
+        return {}
+    query = {"takenAt": {"$gt": first, "$lt": last}}
     return {
         doc["_id"]: doc
         for doc in db.photos.find(query, _LOAD_FIELDS, batch_size=_REPLY_DOCS)
@@ -257,11 +262,12 @@ class _ClosureLoad:
         self.photos_fetched = 0
 
     def know(self, docs: dict[str, dict], first: datetime, last: datetime) -> None:
-        """``docs`` are every stored photo taken in ``[first, last]``, whatever its cell (dead-
-        lettered ones left out): they join the closure like fetched photos when linked to it,
-        and that range is never asked for again."""
+        """``docs`` are every stored photo taken in the open range ``(first, last)``, whatever
+        its cell (dead-lettered ones left out): they join the closure like fetched photos when
+        linked to it, and that range is never asked for again."""
         self._known = docs
-        self._everywhere = [(epoch_us(first), epoch_us(last))]
+        low, high = epoch_us(first) + 1, epoch_us(last) - 1
+        self._everywhere = [(low, high)] if low <= high else []
 
     def grow(self, seed_docs: dict[str, dict]) -> dict[str, dict]:
         """The documents of the stored photos that join the seed's closure (seed excluded)."""

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from snapmap_pipeline.assets.backfill import recluster_day
 from snapmap_pipeline.clustering import ClusterParams
+from snapmap_pipeline.store import recluster as recluster_module
 from snapmap_pipeline.store.geocell import cell_of
 from snapmap_pipeline.store.recluster import recluster
 from tests.integration.pipeline import live_events, photo_events
@@ -93,3 +94,51 @@ def test_any_chunk_size_leaves_the_canonical_events(
     assert db.photos.count_documents({"cell": {"$exists": False}}) == 0
     assert report.photos == len(photos)
     assert report.recluster.seed_photos + report.seed_photos_in_earlier_closures == len(photos)
+
+
+def test_photos_sharing_a_chunk_boundary_instant_are_not_read_by_every_chunk(
+    mongo, kafka, blob, settings, monkeypatch
+):
+    """A camera that stamps only the date gives many photos one ``takenAt``: the chunks that
+    start or end on that instant must not each read all of them, or a chunk's memory and the
+    day's reads grow with the number of such photos instead of the chunk size."""
+    db = mongo.db()
+    documents = []
+    # 60 photos at midnight, far apart (each its own event); then 10 on a street at noon.
+    for i in range(60):
+        lon, lat = -170.0 + 5.5 * i, -60.0 + 2.0 * (i % 7)
+        documents.append(backend_photo(f"m{i:02d}", "2026-06-06T00:00:00Z", lon, lat))
+    for i in range(10):
+        lon, lat = PLACES[i % 3]
+        documents.append(backend_photo(f"n{i:02d}", f"2026-06-06T12:0{i}:00Z", lon, lat))
+    for document in documents[::2]:
+        lon, lat = document["location"]["coordinates"]
+        document["cell"] = cell_of(lon, lat)
+    db.photos.insert_many(documents)
+
+    read_whole = recluster_module._photos_taken_between
+    held: list[int] = []
+
+    def counted(*args):
+        docs = read_whole(*args)
+        held.append(len(docs))
+        return docs
+
+    monkeypatch.setattr(recluster_module, "_photos_taken_between", counted)
+    chunk_size = 7
+    report = recluster_day(
+        db,
+        kafka,
+        blob,
+        ClusterParams(),
+        settings.event_updates_topic,
+        DAY,
+        DAY + timedelta(days=1),
+        LOG,
+        chunk_size,
+    )
+
+    expected = canonical(db)
+    assert photo_events(db) == expected.assignment
+    assert report.chunks == 10
+    assert held and max(held) <= chunk_size
