@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 from dagster import instance_for_test
 
@@ -237,3 +237,30 @@ def test_an_outage_logs_a_few_clear_lines_and_real_errors_stay_visible(kafka, se
         wrong.partitions(consumer, settings.uploads_topic)
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert errors and "Invalid response size" in errors[0].getMessage()
+
+
+def test_sends_share_a_producer_until_one_fails(kafka, settings):
+    """``send`` keeps its idempotent producer between calls (a new one asks the broker for a
+    producer id before its first acknowledgement), and drops it when a call fails: a send
+    after the broker is back starts a new producer and is delivered."""
+    topic = settings.event_updates_topic
+    short = KafkaResource(**(kafka.model_dump() | {"timeout_s": 3.0}))
+    short.send(topic, [(b"k", b"first", [])])
+    kept = short._sender
+    short.send(topic, [(b"k", b"second", [])])
+    assert kept is not None and short._sender is kept
+
+    with stopped("kafka"):
+        with pytest.raises(KafkaUnavailable):
+            short.send(topic, [(b"k", b"during the outage", [])])
+        assert short._sender is None
+
+    short.send(topic, [(b"k", b"after", [])])
+    assert short._sender is not None and short._sender is not kept
+    values = []
+    with kafka.consumer() as consumer:
+        for partition in kafka.partitions(consumer, topic):
+            consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
+            while (message := consumer.poll(5)) is not None and not message.error():
+                values.append(message.value())
+    assert b"first" in values and b"second" in values and b"after" in values
