@@ -239,6 +239,10 @@ class Soak:
         for request in source:
             by_partition.setdefault(request_key(request)[0], []).append(request)
         width = self.rng.choice([1, 2, 2, 3]) if self.workers is not None else 1
+        if self.workers is not None and not self.counts["side_by_side"]:
+            # Runs side by side are what the soak is for: the first chance is always taken, so
+            # no seed can draw a play without them (one did: 21 runs, all alone).
+            width = max(width, 2)
         partitions = self.rng.sample(sorted(by_partition), min(width, len(by_partition)))
         group = [self.rng.choice(by_partition[p]) for p in partitions]
         if not group:
