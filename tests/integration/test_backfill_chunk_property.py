@@ -43,6 +43,21 @@ PHOTOS = st.lists(
 )
 
 
+def backfill_day(db, kafka, blob, settings, chunk_size: int):
+    """``recluster_day`` of DAY with the default R and W, as the daily partition runs it."""
+    return recluster_day(
+        db,
+        kafka,
+        blob,
+        ClusterParams(),
+        settings.event_updates_topic,
+        DAY,
+        DAY + timedelta(days=1),
+        LOG,
+        chunk_size,
+    )
+
+
 @settings(
     max_examples=25,
     deadline=None,
@@ -71,17 +86,7 @@ def test_any_chunk_size_leaves_the_canonical_events(
     if earlier:
         recluster(db, earlier, ClusterParams())
 
-    report = recluster_day(
-        db,
-        kafka,
-        blob,
-        ClusterParams(),
-        settings.event_updates_topic,
-        DAY,
-        DAY + timedelta(days=1),
-        LOG,
-        chunk_size,
-    )
+    report = backfill_day(db, kafka, blob, settings, chunk_size)
 
     expected = canonical(db)
     assert photo_events(db) == expected.assignment
@@ -126,17 +131,7 @@ def test_photos_sharing_a_chunk_boundary_instant_are_not_read_by_every_chunk(
 
     monkeypatch.setattr(recluster_module, "_photos_taken_between", counted)
     chunk_size = 7
-    report = recluster_day(
-        db,
-        kafka,
-        blob,
-        ClusterParams(),
-        settings.event_updates_topic,
-        DAY,
-        DAY + timedelta(days=1),
-        LOG,
-        chunk_size,
-    )
+    report = backfill_day(db, kafka, blob, settings, chunk_size)
 
     expected = canonical(db)
     assert photo_events(db) == expected.assignment
