@@ -1052,6 +1052,18 @@ class Postgres(Service):
         return f"created database {POSTGRES_DATABASE}"
 
 
+def mongo_source_stamp(scripts: Path) -> str:
+    """The stamp ``scripts/install.sh`` gives a build of the server from ``scripts`` as they
+    are now (``install.sh --stamp``); raises OSError or SubprocessError when it cannot tell."""
+    return subprocess.run(
+        ["bash", str(scripts / "install.sh"), "--stamp"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
+
+
 class Mongo(Service):
     """The MongoDB-compatible server, built and run by the scripts in localstack/mongo/.
 
@@ -1107,13 +1119,7 @@ class Mongo(Service):
         computes both; a server started from the build runs what the stamp says)."""
         try:
             built = (self.build_dir / "BUILD_STAMP").read_text().strip()
-            now = subprocess.run(
-                ["bash", str(self.scripts / "install.sh"), "--stamp"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=True,
-            ).stdout.strip()
+            now = mongo_source_stamp(self.scripts)
         except (OSError, subprocess.SubprocessError):
             return False
         return built == now

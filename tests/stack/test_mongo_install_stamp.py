@@ -59,13 +59,7 @@ def test_up_says_when_a_running_server_runs_an_older_build(tmp_path: Path) -> No
 
     mongo = RunningMongo(stack.Config.from_env({"SNAPMAP_STACK_DIR": str(tmp_path)}))
     mongo.build_dir.mkdir(parents=True)
-    current = subprocess.run(
-        ["bash", str(mongo.scripts / "install.sh"), "--stamp"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout.strip()
+    current = stack.mongo_source_stamp(mongo.scripts)
     stamp = mongo.build_dir / "BUILD_STAMP"
 
     stamp.write_text(current + "\n")
@@ -88,16 +82,8 @@ def test_the_stamp_changes_with_what_builds_or_starts_the_server(tmp_path: Path,
     copy = tmp_path / "mongo"
     shutil.copytree(ROOT / "localstack" / "mongo", copy)
 
-    def stamp() -> str:
-        return subprocess.run(
-            ["bash", str(copy / "install.sh"), "--stamp"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout.strip()
-
-    before = stamp()
+    stack = _stack_module()
+    before = stack.mongo_source_stamp(copy)
     with (copy / changed).open("a") as out:
         out.write("\n")
-    assert stamp() != before
+    assert stack.mongo_source_stamp(copy) != before
