@@ -215,6 +215,8 @@ def _print_totals(totals: ReclusterTotals, params: ClusterParams, seconds: float
 
 def collect_stats(db: Database) -> dict:
     """Counts of the collections the pipeline writes (exact, with one query each)."""
+    from snapmap_pipeline.store.events import LIVE_EVENTS
+
     photos = db.photos
     dead_letter_codes = {
         d["_id"]: d["n"]
@@ -226,8 +228,9 @@ def collect_stats(db: Database) -> dict:
         "orphan_photos": photos.count_documents({"eventId": None, "deadLettered": {"$ne": True}}),
         "dead_lettered_photos": photos.count_documents({"deadLettered": True}),
         "missing_blobs": photos.count_documents({"blobStatus": "missing"}),
-        "live_events": db.events.count_documents({"mergedInto": None}),
+        "live_events": db.events.count_documents(LIVE_EVENTS),
         "tombstones": db.events.count_documents({"mergedInto": {"$ne": None}}),
+        "retired_events": db.events.count_documents({"mergedInto": None, "photoCount": 0}),
         "pending_links": db.pending_links.count_documents({}),
         "pending_publishes": db.events.count_documents({"publishPending": True}),
         "pending_manifests": db.events.count_documents({"manifestPending": True}),

@@ -42,7 +42,7 @@ from snapmap_pipeline.resources.blob import BlobStorageResource
 from snapmap_pipeline.resources.kafka import KafkaResource
 from snapmap_pipeline.resources.mongo import MongoResource
 from snapmap_pipeline.settings import PipelineSettings
-from snapmap_pipeline.store.events import apply_pending_links
+from snapmap_pipeline.store.events import LIVE_EVENTS, apply_pending_links
 from snapmap_pipeline.store.outbox import publish_pending, write_pending_manifests
 from snapmap_pipeline.store.recluster import ReclusterReport, recluster
 
@@ -236,7 +236,7 @@ def publish_all(
 def _event_sizes(db: Database, start: datetime, end: datetime) -> dict[int, int]:
     """How many live events starting in ``[start, end)`` have each photo count."""
     pipeline = [
-        {"$match": {"mergedInto": None, "startAt": {"$gte": start, "$lt": end}}},
+        {"$match": LIVE_EVENTS | {"startAt": {"$gte": start, "$lt": end}}},
         {"$group": {"_id": "$photoCount", "events": {"$sum": 1}}},
     ]
     return {int(d["_id"]): int(d["events"]) for d in db.events.aggregate(pipeline)}

@@ -32,7 +32,7 @@ from PIL import Image
 from pymongo.database import Database
 
 from snapmap_pipeline.clustering import EARTH_RADIUS_M
-from snapmap_pipeline.store.events import effective_links
+from snapmap_pipeline.store.events import LIVE_EVENTS, effective_links
 
 #: Batches with more photos than this get no map (reading them would cost the run too much).
 MAX_BATCH_PHOTOS = 20_000
@@ -258,7 +258,7 @@ def _live_events(db: Database, event_ids: set[str]) -> dict[str, MapEvent]:
     fields = {"centroid": 1, "radiusM": 1, "photoCount": 1, "mergedInto": 1}
     for start in range(0, len(ids), _IN_CHUNK):
         chunk = ids[start : start + _IN_CHUNK]
-        for doc in db.events.find({"_id": {"$in": chunk}, "mergedInto": None}, fields):
+        for doc in db.events.find({"_id": {"$in": chunk}} | LIVE_EVENTS, fields):
             lon, lat = doc["centroid"]["coordinates"]
             events[doc["_id"]] = MapEvent(
                 doc["_id"],

@@ -44,7 +44,7 @@ from snapmap_pipeline.settings import PipelineSettings
 from snapmap_pipeline.store.dead_letters import DeadLetter, send_dead_letters, with_original_bytes
 from snapmap_pipeline.store.lease import clustering_lease
 from snapmap_pipeline.store.photos import orphan_ids
-from snapmap_pipeline.store.poison import recluster_isolating_poison
+from snapmap_pipeline.store.poison import recluster_isolating_poison, release_dead_lettered
 from snapmap_pipeline.store.recluster import ReclusterReport, recluster
 
 EXAMPLES = 10
@@ -69,6 +69,9 @@ class Sweep:
     found: int = 0
     swept: list[str] = field(default_factory=list)
     healed: int = 0
+    #: Dead-lettered photos taken out of the events they still linked to, and events retired.
+    released: int = 0
+    retired: int = 0
     dead_lettered: int = 0
     remaining: int = 0
     remaining_examples: list[str] = field(default_factory=list)
@@ -84,25 +87,32 @@ def sweep_orphans(
     now: datetime,
 ) -> Sweep:
     """Recluster up to ``sweep_limit`` orphans older than the grace period, link and publish.
-    A photo that fails again and again is dead-lettered like in a streaming run."""
+    A photo that fails again and again is dead-lettered like in a streaming run. First,
+    dead-lettered photos that still link to an event (a run that stopped while releasing them)
+    are released."""
+    params = settings.cluster_params()
+
+    def step(ids: Sequence[str]) -> ReclusterReport:
+        return recluster(db, ids, params)
+
     cutoff = now - timedelta(minutes=settings.orphan_grace_minutes)
     sweep = Sweep(found=db.photos.count_documents(orphan_filter(cutoff)))
+    poisoned_ever = [d["_id"] for d in db.poison_attempts.find({}, {"_id": 1})]
+    released, retired = release_dead_lettered(db, poisoned_ever, step)
+    sweep.released, sweep.retired = len(released), len(retired)
     sweep.swept = orphan_ids(db, cutoff, settings.sweep_limit)
+
+    def dead_letter(letters: list[DeadLetter]) -> int:
+        return send_dead_letters(
+            db, kafka, settings.dead_letter_topic, with_original_bytes(kafka, letters)
+        )
+
     if sweep.swept:
-        params = settings.cluster_params()
-
-        def step(ids: Sequence[str]) -> ReclusterReport:
-            return recluster(db, ids, params)
-
-        def dead_letter(letters: list[DeadLetter]) -> int:
-            return send_dead_letters(
-                db, kafka, settings.dead_letter_topic, with_original_bytes(kafka, letters)
-            )
-
         _, poisoned = recluster_isolating_poison(
             db, sweep.swept, step, dead_letter, settings.max_poison_attempts
         )
         sweep.dead_lettered = len(poisoned)
+    if sweep.swept or released:
         apply_all_links(db)
         published = publish_all(db, kafka, blob, settings.event_updates_topic)
         sweep.event_updates = published.event_updates
@@ -157,6 +167,8 @@ def orphan_photos(
             "orphans_swept": len(sweep.swept),
             "orphans_healed": sweep.healed,
             "orphans_dead_lettered": sweep.dead_lettered,
+            "dead_lettered_released": sweep.released,
+            "events_retired": sweep.retired,
             "orphans_remaining": sweep.remaining,
             "event_updates_published": sweep.event_updates,
             "manifests_pending": sweep.manifests_pending,
@@ -202,7 +214,8 @@ def _mismatch(event_id: str, event: dict | None, linked: int) -> CountMismatch |
         return CountMismatch(event_id, None, linked, tombstone=False) if linked else None
     tombstone = event.get("mergedInto") is not None
     stored = int(event.get("photoCount", 0))
-    consistent = stored == linked and (stored == 0 if tombstone else stored > 0)
+    # photoCount 0 without mergedInto is a retired event (its photos were dead-lettered).
+    consistent = stored == linked and (stored == 0 or not tombstone)
     return None if consistent else CountMismatch(event_id, stored, linked, tombstone)
 
 
@@ -259,8 +272,9 @@ def confirm_counts(db: Database, suspects: Sequence[CountMismatch]) -> list[Coun
     asset=events,
     name="event_photo_counts",
     description=(
-        "Every event's photoCount equals the number of photos linked to it; tombstones have "
-        "none, live events at least one, and no photo links to an event that does not exist."
+        "Every event's photoCount equals the number of photos linked to it; tombstones and "
+        "retired events have none, live events at least one, and no photo links to an event "
+        "that does not exist."
     ),
 )
 def event_photo_counts(

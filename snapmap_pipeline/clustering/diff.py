@@ -24,7 +24,9 @@ RADIUS_TOLERANCE_M = 1e-6
 @dataclass
 class StoredEvent:
     """An event document as stored: fields compared with a fresh :class:`Event`, a version
-    counter, and ``merged_into`` (the event id that replaced it) when it is a tombstone.
+    counter, and ``merged_into`` (the event id that replaced it) when it is a tombstone. A
+    stored event with no photos and no successor (retired: its photos were dead-lettered) is
+    treated as a tombstone too.
     ``lon``/``lat`` in degrees, ``radius_m`` in metres, datetimes timezone-aware."""
 
     event_id: str
@@ -40,7 +42,7 @@ class StoredEvent:
 
     @property
     def is_tombstone(self) -> bool:
-        return self.merged_into is not None
+        return self.merged_into is not None or self.photo_count == 0
 
 
 @dataclass

@@ -211,7 +211,7 @@ def collect_summary(db: Database, stats: dict, expected: dict | None = None) -> 
     replay report) also that run's own photos and dead letters, and whether the pipeline has
     caught up with it."""
     unconsumed = db.photos.count_documents(_NEVER_CONSUMED)
-    live = {"mergedInto": None}
+    live = {"mergedInto": None, "photoCount": {"$gt": 0}}  # store.events.LIVE_EVENTS
     sizes = np.array(
         [int(d.get("photoCount", 0)) for d in db.events.find(live, {"photoCount": 1})], dtype=int
     )

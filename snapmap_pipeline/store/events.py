@@ -17,6 +17,16 @@ class WriteConflict(RuntimeError):
     """Another writer changed an event between our read and our write; recompute and retry."""
 
 
+#: Events that hold photos. A tombstone (``mergedInto`` set) and a retired event (no successor:
+#: its last photos were dead-lettered) both have ``photoCount`` 0; a live event never does.
+LIVE_EVENTS = {"mergedInto": None, "photoCount": {"$gt": 0}}
+
+
+def is_live(event: Mapping) -> bool:
+    """The document-level form of :data:`LIVE_EVENTS`."""
+    return event.get("mergedInto") is None and event.get("photoCount", 0) > 0
+
+
 def load_stored_events(db: Database, event_ids: Iterable[str]) -> dict[str, StoredEvent]:
     ids = list(set(event_ids))
     stored: dict[str, StoredEvent] = {}
@@ -127,11 +137,12 @@ def apply_pending_links(
     """Apply queued link decisions to ``photos.eventId``, oldest token first, and dequeue them.
 
     A photo only takes a decision whose token is newer than the one it last took, so a slow
-    link step can never undo a newer decision. The photos' tokens are read and the writes made
-    under the clustering lease, so no other run links a photo in between: the tokens are
-    compared on the read, and the writes filter by ``_id`` alone. ``take_lease=False`` is for a
-    caller that already holds it (the lease is not re-entrant). Returns (photos changed,
-    decisions applied).
+    link step can never undo a newer decision, and a dead-lettered photo takes none (its
+    decision was queued before it was dead-lettered). The photos' tokens are read and the
+    writes made under the clustering lease, so no other run links a photo in between: the
+    tokens are compared on the read, and the writes filter by ``_id`` alone.
+    ``take_lease=False`` is for a caller that already holds it (the lease is not re-entrant).
+    Returns (photos changed, decisions applied).
     """
     pending = list(db.pending_links.find({}).sort("token", 1).limit(limit))
     if not pending:
@@ -142,8 +153,9 @@ def apply_pending_links(
         ids = [p["_id"] for p in pending]
         for start in range(0, len(ids), 5000):
             query = {"_id": {"$in": ids[start : start + 5000]}}
-            for doc in db.photos.find(query, {"linkToken": 1}):
-                taken[doc["_id"]] = doc.get("linkToken")
+            for doc in db.photos.find(query, {"linkToken": 1, "deadLettered": 1}):
+                if not doc.get("deadLettered"):
+                    taken[doc["_id"]] = doc.get("linkToken")
         updates = [
             UpdateOne(
                 {"_id": p["_id"]},
@@ -158,3 +170,56 @@ def apply_pending_links(
         [DeleteOne({"_id": p["_id"], "token": p["token"]}) for p in pending], ordered=False
     )
     return changed, len(pending)
+
+
+def photos_linked_to(db: Database, event_ids: Iterable[str]) -> dict[str, list[str]]:
+    """The photos each event holds by their effective link (see :func:`effective_links`),
+    dead-lettered photos left out. Events that hold none are absent."""
+    wanted = set(event_ids)
+    ids = sorted(wanted)
+    members: dict[str, dict] = {}
+    for start in range(0, len(ids), 5000):
+        chunk = ids[start : start + 5000]
+        for doc in db.photos.find({"eventId": {"$in": chunk}}, {"eventId": 1, "deadLettered": 1}):
+            members[doc["_id"]] = doc
+        for pending in db.pending_links.find({"eventId": {"$in": chunk}}, {"_id": 1}):
+            members.setdefault(pending["_id"], {})
+    unknown = [photo_id for photo_id, doc in members.items() if not doc]
+    for start in range(0, len(unknown), 5000):
+        query = {"_id": {"$in": unknown[start : start + 5000]}}
+        for doc in db.photos.find(query, {"eventId": 1, "deadLettered": 1}):
+            members[doc["_id"]] = doc
+    kept = {p: doc for p, doc in members.items() if doc and not doc.get("deadLettered")}
+    held: dict[str, list[str]] = {}
+    for photo_id, event_id in effective_links(db, kept).items():
+        if event_id in wanted:
+            held.setdefault(event_id, []).append(photo_id)
+    return {event_id: sorted(photo_ids) for event_id, photo_ids in held.items()}
+
+
+def retire_emptied_events(db: Database, event_ids: Iterable[str]) -> list[str]:
+    """Retire the live events among ``event_ids`` that no photo links to any more: photoCount 0,
+    no ``mergedInto``, a new version published as ``tombstoned`` with an empty manifest.
+
+    The caller holds the clustering lease, so no run links a photo to them in between."""
+    ids = sorted(set(event_ids))
+    held = photos_linked_to(db, ids)
+    now = datetime.now(UTC)
+    retired: list[str] = []
+    for event in db.events.find({"_id": {"$in": [i for i in ids if i not in held]}}):
+        if not is_live(event):
+            continue
+        update = {
+            "photoCount": 0,
+            "version": int(event["version"]) + 1,
+            "updatedAt": now,
+            "publishPending": True,
+            "manifestPending": True,
+        }
+        written = db.events.update_one(
+            {"_id": event["_id"], "version": event["version"]}, {"$set": update}
+        )
+        if written.matched_count != 1:
+            raise WriteConflict(f"event {event['_id']} changed while it was being retired")
+        retired.append(event["_id"])
+    return retired

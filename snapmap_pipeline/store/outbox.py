@@ -16,6 +16,7 @@ from pymongo.database import Database
 
 from snapmap_pipeline.resources.blob import BlobStorageResource, encode_manifest
 from snapmap_pipeline.resources.kafka import KafkaResource
+from snapmap_pipeline.store.events import is_live
 from snapmap_pipeline.store.lease import LeaseTimeout, clustering_lease, held_lease
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,7 @@ class OutboxReport:
 
 def update_message(event: dict) -> dict:
     """The ``event-updates`` message of one event version (contract: docs/event-updates.md)."""
-    action = (
-        "tombstoned"
-        if event.get("mergedInto")
-        else ("created" if event["version"] == 1 else "changed")
-    )
+    action = ("changed" if event["version"] > 1 else "created") if is_live(event) else "tombstoned"
     lon, lat = event["centroid"]["coordinates"]
     return {
         "eventId": event["_id"],

@@ -5,6 +5,10 @@ half retried, so the rest of the batch is applied. A single photo that still fai
 attempt counted in ``poison_attempts``; below the limit the error propagates (the run fails and
 Dagster retries it), at the limit the photo's message is dead-lettered with the error, the photo
 is marked ``deadLettered`` and left out of every later closure.
+
+A dead-lettered photo holds no event: if an earlier message of it had been applied, it is
+released from that event (:func:`release_dead_lettered`), whose other photos are reclustered
+without it; an event left with no photos is retired (photoCount 0, no ``mergedInto``).
 """
 
 from __future__ import annotations
@@ -18,8 +22,12 @@ from pymongo.errors import ConnectionFailure
 
 from snapmap_pipeline.resources.kafka import KafkaUnavailable
 from snapmap_pipeline.store.dead_letters import DeadLetter
-from snapmap_pipeline.store.events import WriteConflict
-from snapmap_pipeline.store.lease import LeaseTimeout
+from snapmap_pipeline.store.events import (
+    WriteConflict,
+    photos_linked_to,
+    retire_emptied_events,
+)
+from snapmap_pipeline.store.lease import LeaseTimeout, clustering_lease
 from snapmap_pipeline.store.recluster import ReclusterReport
 
 log = logging.getLogger(__name__)
@@ -44,9 +52,9 @@ def recluster_isolating_poison(
         raise
     except Exception as error:  # noqa: BLE001 - any other failure may be one photo's fault
         if len(seed_ids) == 1:
-            return ReclusterReport(), _count_attempt(
-                db, seed_ids[0], error, dead_letter, max_attempts
-            )
+            poisoned = _count_attempt(db, seed_ids[0], error, dead_letter, max_attempts)
+            release_dead_lettered(db, poisoned, step)  # an earlier message of it was applied
+            return ReclusterReport(), poisoned
         log.warning("recluster of %d photos failed (%s); bisecting", len(seed_ids), error)
     middle = len(seed_ids) // 2
     report = ReclusterReport()
@@ -110,3 +118,41 @@ def _count_attempt(
         "photo %s dead-lettered after %d failed attempts: %s", photo_id, record["attempts"], reason
     )
     return [photo_id]
+
+
+def release_dead_lettered(
+    db: Database, photo_ids: Sequence[str], step: Callable[[Sequence[str]], ReclusterReport]
+) -> tuple[list[str], list[str]]:
+    """Take dead-lettered photos out of the events they still link to.
+
+    The other photos of those events are reclustered first (``step``; the dead-lettered ones
+    are left out of every closure, so each event is changed or tombstoned as if they had never
+    come). Then, under the clustering lease, the photos' ``eventId`` and queued link decisions
+    are removed and the events no photo links to any more are retired. A crash in between
+    leaves the photos linked, and the next call (the sweeper's) does it again: both parts are
+    idempotent. Returns (photos released, events retired)."""
+    query = {"_id": {"$in": list(photo_ids)}, "deadLettered": True}
+    dead = {doc["_id"]: doc.get("eventId") for doc in db.photos.find(query, {"eventId": 1})}
+    queued = {
+        doc["_id"]: doc["eventId"]
+        for doc in db.pending_links.find({"_id": {"$in": list(dead)}}, {"eventId": 1})
+    }
+    former = {e for e in dead.values() if e is not None} | set(queued.values())
+    if not former:
+        return [], []
+    partners = sorted({p for ids in photos_linked_to(db, former).values() for p in ids})
+    if partners:
+        step(partners)
+    released = sorted(set(queued) | {p for p, e in dead.items() if e is not None})
+    with clustering_lease(db):
+        db.photos.update_many({"_id": {"$in": released}}, {"$unset": {"eventId": ""}})
+        db.pending_links.delete_many({"_id": {"$in": released}})
+        retired = retire_emptied_events(db, former)
+    log.warning(
+        "released %d dead-lettered photos from %d events (%d partners reclustered, %d retired)",
+        len(released),
+        len(former),
+        len(partners),
+        len(retired),
+    )
+    return released, retired

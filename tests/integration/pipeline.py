@@ -13,6 +13,7 @@ from snapmap_pipeline.definitions import build_definitions
 from snapmap_pipeline.jobs import INGEST_JOB_NAME
 from snapmap_pipeline.resources.kafka import KafkaResource
 from snapmap_pipeline.sensors.kafka_sensor import photo_uploads_sensor
+from snapmap_pipeline.store.events import LIVE_EVENTS
 
 
 def upload(photo_id: str, taken_at: str, lon: float, lat: float, **extra) -> bytes:
@@ -86,7 +87,7 @@ def photo_events(db) -> dict[str, str | None]:
 
 
 def live_events(db) -> dict[str, dict]:
-    return {d["_id"]: d for d in db.events.find({"mergedInto": None})}
+    return {d["_id"]: d for d in db.events.find(LIVE_EVENTS)}
 
 
 def groups(assignment: dict[str, str | None]) -> set[frozenset[str]]:

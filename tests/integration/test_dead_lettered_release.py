@@ -1,0 +1,164 @@
+"""A dead-lettered photo holds no event: an event it was linked to is reclustered without it,
+or retired when no photo is left; the sweeper finishes what a stopped run left."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from dagster import instance_for_test
+
+from snapmap_pipeline.clustering import ClusterParams, canonical_pass
+from snapmap_pipeline.definitions import build_definitions
+from snapmap_pipeline.jobs import SWEEPER_JOB_NAME
+from snapmap_pipeline.store.dead_letters import send_dead_letters
+from snapmap_pipeline.store.events import LIVE_EVENTS, apply_pending_links, queue_links
+from snapmap_pipeline.store.outbox import manifest, publish_pending
+from snapmap_pipeline.store.photos import to_point
+from snapmap_pipeline.store.poison import recluster_isolating_poison
+from snapmap_pipeline.store.recluster import recluster
+from tests.faults.conftest import read_all
+from tests.integration.pipeline import photo_events
+from tests.integration.sweeper_data import backend_photo, backfill, evaluations
+
+pytestmark = pytest.mark.sweeper
+
+LUNCH = backend_photo("a-lunch", "2026-06-06T12:00:00Z", 2.3522, 48.8566)
+DINNER = backend_photo("b-dinner", "2026-06-06T19:00:00Z", 2.2900, 48.8600)
+# Ten metres from the lunch photo a minute later: the same event, whose first photo is a-lunch.
+SECOND = backend_photo("c-second", "2026-06-06T12:01:00Z", 2.35233, 48.8566)
+
+
+def clustered(db, photos: list[dict]) -> None:
+    db.photos.insert_many([dict(p) for p in photos])
+    recluster(db, [p["_id"] for p in photos], ClusterParams())
+    while apply_pending_links(db)[1]:
+        pass
+
+
+def fail_on(db, photo_id: str):
+    """The recluster step of a run in which ``photo_id`` cannot be processed."""
+
+    def step(seed):
+        if photo_id in seed:
+            raise ValueError(f"cannot cluster {photo_id}")
+        return recluster(db, seed, ClusterParams())
+
+    return step
+
+
+def dead_letter_for(db, kafka, settings):
+    def dead_letter(letters):
+        return send_dead_letters(db, kafka, settings.dead_letter_topic, letters)
+
+    return dead_letter
+
+
+def live_counts(db) -> dict[str, int]:
+    return {d["_id"]: d["photoCount"] for d in db.events.find(LIVE_EVENTS)}
+
+
+def canonical_counts(db) -> dict[str, int]:
+    """The oracle: one canonical pass over the photos that are not dead-lettered."""
+    kept = [to_point(d) for d in db.photos.find({}) if not d.get("deadLettered")]
+    result = canonical_pass(kept, ClusterParams())
+    return {event_id: event.photo_count for event_id, event in result.events.items()}
+
+
+def sweep(resources: dict) -> dict:
+    with instance_for_test() as instance:
+        job = build_definitions(resources).resolve_job_def(SWEEPER_JOB_NAME)
+        result = job.execute_in_process(instance=instance)
+    assert result.success
+    return evaluations(result)
+
+
+def test_an_event_whose_only_photo_is_dead_lettered_is_retired(resources, mongo, kafka, settings):
+    db = mongo.db()
+    clustered(db, [LUNCH, DINNER])
+    lunch_event = photo_events(db)["a-lunch"]
+    while publish_pending(db, kafka, settings.event_updates_topic):
+        pass
+
+    _, poisoned = recluster_isolating_poison(
+        db, ["a-lunch"], fail_on(db, "a-lunch"), dead_letter_for(db, kafka, settings), 1
+    )
+
+    assert poisoned == ["a-lunch"]
+    assert photo_events(db)["a-lunch"] is None, "a dead-lettered photo holds no event"
+    assert live_counts(db) == canonical_counts(db) == {photo_events(db)["b-dinner"]: 1}
+    retired = db.events.find_one({"_id": lunch_event})
+    assert (retired["photoCount"], retired["mergedInto"], retired["version"]) == (0, None, 2)
+    assert manifest(db, retired)["photos"] == []
+
+    publish_pending(db, kafka, settings.event_updates_topic)
+    updates = [json.loads(m.value()) for m in read_all(kafka, settings.event_updates_topic)]
+    (last,) = [u for u in updates if u["eventId"] == lunch_event and u["version"] == 2]
+    assert (last["action"], last["mergedInto"], last["photoCount"]) == ("tombstoned", None, 0)
+
+    checks = sweep(resources)
+    assert checks["event_photo_counts"].passed
+    assert checks["orphan_photos"].metadata["dead_lettered_released"].value == 0
+
+    with instance_for_test() as instance:
+        backfill(instance, resources, ["2026-06-06"])
+    assert live_counts(db) == canonical_counts(db), "a backfill keeps the event retired"
+    assert db.events.find_one({"_id": lunch_event})["version"] == 2
+
+
+def test_the_partners_of_a_dead_lettered_photo_are_reclustered_without_it(mongo, kafka, settings):
+    db = mongo.db()
+    clustered(db, [LUNCH, SECOND])
+    shared = photo_events(db)["a-lunch"]
+    assert photo_events(db)["c-second"] == shared
+
+    recluster_isolating_poison(
+        db, ["a-lunch"], fail_on(db, "a-lunch"), dead_letter_for(db, kafka, settings), 1
+    )
+    while apply_pending_links(db)[1]:
+        pass
+
+    assert live_counts(db) == canonical_counts(db)
+    (remaining,) = live_counts(db)
+    assert photo_events(db) == {"a-lunch": None, "c-second": remaining}
+    assert db.events.find_one({"_id": shared})["mergedInto"] == remaining
+
+
+def test_a_queued_link_of_a_dead_lettered_photo_is_not_applied(mongo):
+    db = mongo.db()
+    clustered(db, [LUNCH])
+    event_id = photo_events(db)["a-lunch"]
+    db.photos.update_one({"_id": "a-lunch"}, {"$set": {"eventId": None, "deadLettered": True}})
+    queue_links(db, {"a-lunch": event_id}, token=10**9)
+
+    assert apply_pending_links(db) == (0, 1)
+    assert photo_events(db)["a-lunch"] is None
+
+
+def test_the_sweeper_releases_what_a_stopped_run_left_and_revives_a_photo_let_back_in(
+    resources, mongo
+):
+    """A run stopped between dead-lettering a photo and releasing it (or a store written before
+    photos were released) leaves the photo linked; the next sweep releases it. When the operator
+    lets the photo back in (docs/operator-guide.md), the sweep after that clusters it again and
+    the retired event comes back to life."""
+    db = mongo.db()
+    clustered(db, [LUNCH, DINNER])
+    lunch_event = photo_events(db)["a-lunch"]
+    db.photos.update_one({"_id": "a-lunch"}, {"$set": {"deadLettered": True}})
+    db.poison_attempts.insert_one({"_id": "a-lunch", "attempts": 3, "lastError": "ValueError"})
+
+    orphans = sweep(resources)["orphan_photos"].metadata
+    assert (orphans["dead_lettered_released"].value, orphans["events_retired"].value) == (1, 1)
+    # The checks of one sweep may run in any order: the counts are read in the next one.
+    assert sweep(resources)["event_photo_counts"].passed
+    assert photo_events(db)["a-lunch"] is None
+    assert live_counts(db) == canonical_counts(db)
+
+    db.photos.update_one({"_id": "a-lunch"}, {"$unset": {"deadLettered": ""}})
+    db.poison_attempts.delete_one({"_id": "a-lunch"})
+    assert sweep(resources)["orphan_photos"].metadata["orphans_healed"].value == 1
+    assert photo_events(db)["a-lunch"] == lunch_event
+    revived = db.events.find_one({"_id": lunch_event})
+    assert (revived["photoCount"], revived["version"]) == (1, 3)
+    assert live_counts(db) == canonical_counts(db)
