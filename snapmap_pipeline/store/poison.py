@@ -45,36 +45,58 @@ def recluster_isolating_poison(
 ) -> tuple[ReclusterReport, list[str]]:
     """Run ``step`` over ``seed_ids``, bisecting around photos that make it fail.
 
+    The photos dead-lettered now are released together once the whole seed has been tried
+    (an earlier message of one may have been applied): released one by one, the partners of
+    a photo could still hold another photo of the seed that is dead-lettered later in the
+    same run, and reclustering them would fail on it.
+
     Returns the merged report and the ids dead-lettered now."""
+    poisoned: list[str] = []
     try:
-        return step(seed_ids), []
+        report = _bisect(db, seed_ids, step, dead_letter, max_attempts, poisoned)
+    except TRANSIENT:
+        raise  # the retried run finds them dead-lettered; the sweeper releases them
+    except Exception:
+        if poisoned:
+            release_dead_lettered(db, poisoned, step)
+        raise
+    if poisoned:
+        release_dead_lettered(db, poisoned, step)
+    return report, poisoned
+
+
+def _bisect(
+    db: Database,
+    seed_ids: Sequence[str],
+    step: Callable[[Sequence[str]], ReclusterReport],
+    dead_letter: Callable[[list[DeadLetter]], int],
+    max_attempts: int,
+    poisoned: list[str],
+) -> ReclusterReport:
+    """Run ``step`` over ``seed_ids``, bisecting around photos that make it fail; the ids
+    dead-lettered are appended to ``poisoned``."""
+    try:
+        return step(seed_ids)
     except TRANSIENT:
         raise
     except Exception as error:  # noqa: BLE001 - any other failure may be one photo's fault
         if len(seed_ids) == 1:
-            poisoned = _count_attempt(db, seed_ids[0], error, dead_letter, max_attempts)
-            release_dead_lettered(db, poisoned, step)  # an earlier message of it was applied
-            return ReclusterReport(), poisoned
+            poisoned += _count_attempt(db, seed_ids[0], error, dead_letter, max_attempts)
+            return ReclusterReport()
         log.warning("recluster of %d photos failed (%s); bisecting", len(seed_ids), error)
     middle = len(seed_ids) // 2
     report = ReclusterReport()
-    poisoned: list[str] = []
     failures: list[Exception] = []
     for half in (seed_ids[:middle], seed_ids[middle:]):
         try:
-            half_report, half_poisoned = recluster_isolating_poison(
-                db, half, step, dead_letter, max_attempts
-            )
+            report.merge(_bisect(db, half, step, dead_letter, max_attempts, poisoned))
         except TRANSIENT:
             raise
         except Exception as error:  # noqa: BLE001 - finish the other half, then fail the run
             failures.append(error)
-            continue
-        report.merge(half_report)
-        poisoned += half_poisoned
     if failures:
         raise failures[0]
-    return report, poisoned
+    return report
 
 
 def _count_attempt(

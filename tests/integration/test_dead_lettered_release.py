@@ -27,6 +27,8 @@ LUNCH = backend_photo("a-lunch", "2026-06-06T12:00:00Z", 2.3522, 48.8566)
 DINNER = backend_photo("b-dinner", "2026-06-06T19:00:00Z", 2.2900, 48.8600)
 # Ten metres from the lunch photo a minute later: the same event, whose first photo is a-lunch.
 SECOND = backend_photo("c-second", "2026-06-06T12:01:00Z", 2.35233, 48.8566)
+# Ten metres further a minute later: the lunch event's third photo.
+THIRD = backend_photo("d-third", "2026-06-06T12:02:00Z", 2.35246, 48.8566)
 
 
 def clustered(db, photos: list[dict]) -> None:
@@ -36,12 +38,12 @@ def clustered(db, photos: list[dict]) -> None:
         pass
 
 
-def fail_on(db, photo_id: str):
-    """The recluster step of a run in which ``photo_id`` cannot be processed."""
+def fail_on(db, *photo_ids: str):
+    """The recluster step of a run in which ``photo_ids`` cannot be processed."""
 
     def step(seed):
-        if photo_id in seed:
-            raise ValueError(f"cannot cluster {photo_id}")
+        if failing := sorted(set(photo_ids) & set(seed)):
+            raise ValueError(f"cannot cluster {', '.join(failing)}")
         return recluster(db, seed, ClusterParams())
 
     return step
@@ -122,6 +124,31 @@ def test_the_partners_of_a_dead_lettered_photo_are_reclustered_without_it(mongo,
     (remaining,) = live_counts(db)
     assert photo_events(db) == {"a-lunch": None, "c-second": remaining}
     assert db.events.find_one({"_id": shared})["mergedInto"] == remaining
+
+
+def test_two_photos_of_one_event_dead_lettered_in_one_run_are_released_together(
+    mongo, kafka, settings
+):
+    """Released one at a time, the first photo's partners would still hold the second one,
+    not dead-lettered yet, and reclustering them would fail the run on it."""
+    db = mongo.db()
+    clustered(db, [LUNCH, SECOND, THIRD])
+    shared = photo_events(db)["a-lunch"]
+    assert set(photo_events(db).values()) == {shared}
+
+    _, poisoned = recluster_isolating_poison(
+        db,
+        ["c-second", "d-third"],
+        fail_on(db, "c-second", "d-third"),
+        dead_letter_for(db, kafka, settings),
+        1,
+    )
+    while apply_pending_links(db)[1]:
+        pass
+
+    assert sorted(poisoned) == ["c-second", "d-third"]
+    assert photo_events(db) == {"a-lunch": shared, "c-second": None, "d-third": None}
+    assert live_counts(db) == canonical_counts(db) == {shared: 1}
 
 
 def test_a_queued_link_of_a_dead_lettered_photo_is_not_applied(mongo):
