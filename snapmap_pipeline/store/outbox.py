@@ -231,12 +231,18 @@ def _mark_written(db: Database, events: list[dict], encoded: dict[str, tuple[byt
 
 def album_photos(db: Database, event_ids: list[str]) -> dict[str, list[dict]]:
     """The photos linked to each event, in ``(takenAt, _id)`` order, a thousand events per
-    query."""
+    query. A dead-lettered photo that still links to an event (a run stopped before releasing
+    it) is left out, as the event's ``photoCount`` leaves it out: when the event was
+    reclustered without it before the stop, unsetting its link later changes no event, and
+    nothing would rewrite an album that listed it. Left out here rather than by an unindexed
+    ``$ne``."""
     albums: dict[str, list[dict]] = {}
+    fields = {"storageUrl": 1, "takenAt": 1, "eventId": 1, "deadLettered": 1}
     for start in range(0, len(event_ids), BATCH):
         query = {"eventId": {"$in": event_ids[start : start + BATCH]}}
-        for photo in db.photos.find(query, {"storageUrl": 1, "takenAt": 1, "eventId": 1}):
-            albums.setdefault(photo["eventId"], []).append(photo)
+        for photo in db.photos.find(query, fields):
+            if not photo.get("deadLettered"):
+                albums.setdefault(photo["eventId"], []).append(photo)
     for photos in albums.values():
         photos.sort(key=lambda p: (p["takenAt"], p["_id"]))
     return albums

@@ -11,15 +11,17 @@ from dagster import instance_for_test
 from snapmap_pipeline.clustering import ClusterParams, canonical_pass
 from snapmap_pipeline.definitions import build_definitions
 from snapmap_pipeline.jobs import SWEEPER_JOB_NAME
+from snapmap_pipeline.store import poison
 from snapmap_pipeline.store.dead_letters import send_dead_letters
 from snapmap_pipeline.store.events import LIVE_EVENTS, apply_pending_links, queue_links
-from snapmap_pipeline.store.outbox import manifest, publish_pending
+from snapmap_pipeline.store.outbox import manifest, publish_pending, write_pending_manifests
 from snapmap_pipeline.store.photos import to_point
 from snapmap_pipeline.store.poison import recluster_isolating_poison
 from snapmap_pipeline.store.recluster import recluster
 from tests.faults.conftest import read_all
 from tests.integration.pipeline import photo_events
 from tests.integration.sweeper_data import backend_photo, backfill, evaluations
+from tests.integration.test_manifest_race import manifest_photos
 
 pytestmark = pytest.mark.sweeper
 
@@ -189,3 +191,37 @@ def test_the_sweeper_releases_what_a_stopped_run_left_and_revives_a_photo_let_ba
     revived = db.events.find_one({"_id": lunch_event})
     assert (revived["photoCount"], revived["version"]) == (1, 3)
     assert live_counts(db) == canonical_counts(db)
+
+
+def test_an_album_never_lists_a_dead_lettered_photo_its_stopped_release_left_linked(
+    resources, mongo, blob, monkeypatch
+):
+    """A run stopped after reclustering the partners, before unsetting the photo's link: the
+    event already counts one photo when the next run writes its manifest, and the sweep's
+    release changes no event, so nothing would rewrite an album that listed the photo."""
+    db = mongo.db()
+    clustered(db, [LUNCH, SECOND])
+    shared = photo_events(db)["a-lunch"]
+    write_pending_manifests(db, blob)
+    assert manifest_photos(blob, shared) == ["a-lunch", "c-second"]
+
+    def stopped(db):
+        raise RuntimeError("run stopped before the lease")
+
+    monkeypatch.setattr(poison, "clustering_lease", stopped)
+    with pytest.raises(RuntimeError, match="stopped"):
+        recluster_isolating_poison(db, ["c-second"], fail_on(db, "c-second"), lambda _: 1, 1)
+    monkeypatch.undo()
+    assert photo_events(db)["c-second"] == shared, "left linked by the stopped run"
+    assert db.events.find_one({"_id": shared})["photoCount"] == 1
+    # The retried run's link and event_updates steps (or any other run's).
+    while apply_pending_links(db)[1]:
+        pass
+    write_pending_manifests(db, blob)
+    assert manifest_photos(blob, shared) == ["a-lunch"]
+
+    orphans = sweep(resources)["orphan_photos"].metadata
+    assert (orphans["dead_lettered_released"].value, orphans["events_retired"].value) == (1, 0)
+    assert photo_events(db) == {"a-lunch": shared, "c-second": None}
+    assert live_counts(db) == canonical_counts(db) == {shared: 1}
+    assert manifest_photos(blob, shared) == ["a-lunch"]
