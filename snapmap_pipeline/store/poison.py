@@ -149,10 +149,10 @@ def release_dead_lettered(
 
     The other photos of those events are reclustered first (``step``; the dead-lettered ones
     are left out of every closure, so each event is changed or tombstoned as if they had never
-    come). Then, under the clustering lease, the photos' ``eventId`` and queued link decisions
-    are removed and the events no photo links to any more are retired. A crash in between
-    leaves the photos linked, and the next call (the sweeper's) does it again: both parts are
-    idempotent. Returns (photos released, events retired)."""
+    come). Then, under the clustering lease, the events no photo links to any more are retired
+    and the photos' queued link decisions and ``eventId`` are removed, in that order. A crash
+    anywhere before the last write leaves the photos linked, and the next call (the sweeper's)
+    does it again: every part is idempotent. Returns (photos released, events retired)."""
     query = {"_id": {"$in": list(photo_ids)}, "deadLettered": True}
     dead = {doc["_id"]: doc.get("eventId") for doc in db.photos.find(query, {"eventId": 1})}
     queued = {
@@ -167,9 +167,12 @@ def release_dead_lettered(
         step(partners)
     released = sorted(set(queued) | {p for p, e in dead.items() if e is not None})
     with clustering_lease(db):
-        db.photos.update_many({"_id": {"$in": released}}, {"$unset": {"eventId": ""}})
-        db.pending_links.delete_many({"_id": {"$in": released}})
+        # Retired first (a dead-lettered photo holds no event already, see photos_linked_to),
+        # links last: the links are how the next call finds these events again, so a run
+        # stopped between these writes leaves nothing that call could not finish.
         retired = retire_emptied_events(db, former)
+        db.pending_links.delete_many({"_id": {"$in": released}})
+        db.photos.update_many({"_id": {"$in": released}}, {"$unset": {"eventId": ""}})
     log.warning(
         "released %d dead-lettered photos from %d events (%d partners reclustered, %d retired)",
         len(released),

@@ -7,6 +7,8 @@ import json
 
 import pytest
 from dagster import instance_for_test
+from pymongo.collection import Collection
+from pymongo.errors import AutoReconnect
 
 from snapmap_pipeline.clustering import ClusterParams, canonical_pass
 from snapmap_pipeline.definitions import build_definitions
@@ -225,3 +227,45 @@ def test_an_album_never_lists_a_dead_lettered_photo_its_stopped_release_left_lin
     assert photo_events(db) == {"a-lunch": shared, "c-second": None}
     assert live_counts(db) == canonical_counts(db) == {shared: 1}
     assert manifest_photos(blob, shared) == ["a-lunch"]
+
+
+@pytest.mark.parametrize("stop_at", ["retire", "dequeue", "unlink"])
+def test_an_outage_at_any_write_of_the_release_leaves_the_sweeper_able_to_finish(
+    resources, mongo, monkeypatch, stop_at
+):
+    """The release's writes under the lease: the event retired, the photo's queued decision
+    removed, its eventId unset. An outage before the last one must leave the photo linked, or
+    nothing would find its event again and a live event without photos would stay forever."""
+    db = mongo.db()
+    clustered(db, [LUNCH, DINNER])
+    lunch_event = photo_events(db)["a-lunch"]
+    queue_links(db, {"a-lunch": lunch_event}, token=10**9)  # a decision still queued, too
+
+    def lost(*args, **kwargs):
+        raise AutoReconnect("connection lost")
+
+    def failing(method: str, collection: str):
+        real = getattr(Collection, method)
+
+        def call(self, *args, **kwargs):
+            return (lost if self.name == collection else real)(self, *args, **kwargs)
+
+        return call
+
+    if stop_at == "retire":
+        monkeypatch.setattr(poison, "retire_emptied_events", lost)
+    elif stop_at == "dequeue":
+        monkeypatch.setattr(Collection, "delete_many", failing("delete_many", "pending_links"))
+    else:
+        monkeypatch.setattr(Collection, "update_many", failing("update_many", "photos"))
+    with pytest.raises(AutoReconnect):
+        recluster_isolating_poison(db, ["a-lunch"], fail_on(db, "a-lunch"), lambda _: 1, 1)
+    monkeypatch.undo()
+
+    sweep(resources)
+    # The checks of one sweep may run in any order: the counts are read in the next one.
+    assert sweep(resources)["event_photo_counts"].passed
+    assert photo_events(db)["a-lunch"] is None
+    assert db.pending_links.count_documents({}) == 0
+    assert live_counts(db) == canonical_counts(db)
+    assert db.events.find_one({"_id": lunch_event})["photoCount"] == 0
