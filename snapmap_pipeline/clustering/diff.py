@@ -83,7 +83,8 @@ def diff(
     datetimes, counts and first photo exactly) or that is a tombstone is changed. A live
     stored event in scope (see the module docstring) that the result does not have is
     tombstoned into the result event now holding most of its former photos (ties: smallest
-    id), or, if none of them is known, into the event of its first photo. Applying the
+    id), or, if none of them is known, into the event of its first photo; so is a retired
+    stored event (see :class:`StoredEvent`) whose first photo is in the result. Applying the
     changes and diffing again gives empty changes.
     """
     changes = Changes()
@@ -107,7 +108,9 @@ def diff(
 
     for old_id in sorted(stored_events):
         old = stored_events[old_id]
-        if old.is_tombstone or old_id in result.events:
+        # A retired event (no photos, no successor) holds no photo, but its first photo may
+        # be back in another event: it then points there like any event renamed.
+        if old.merged_into is not None or old_id in result.events:
             continue
         holders = former_photos.get(old_id)
         if holders:

@@ -269,3 +269,28 @@ def test_an_outage_at_any_write_of_the_release_leaves_the_sweeper_able_to_finish
     assert db.pending_links.count_documents({}) == 0
     assert live_counts(db) == canonical_counts(db)
     assert db.events.find_one({"_id": lunch_event})["photoCount"] == 0
+
+
+def test_a_retired_event_points_to_the_event_its_first_photo_joins_when_let_back_in(
+    mongo, kafka, settings
+):
+    """Let back in after a photo taken just before it arrived nearby, the retired event's first
+    photo joins that photo's event: the retired id then points there, as the id of an event
+    whose first photo changes does (docs/event-updates.md), instead of staying retired."""
+    db = mongo.db()
+    clustered(db, [LUNCH, DINNER])
+    lunch_event = photo_events(db)["a-lunch"]
+    recluster_isolating_poison(
+        db, ["a-lunch"], fail_on(db, "a-lunch"), dead_letter_for(db, kafka, settings), 1
+    )
+    assert db.events.find_one({"_id": lunch_event})["photoCount"] == 0
+
+    db.photos.update_one({"_id": "a-lunch"}, {"$unset": {"deadLettered": ""}})
+    db.poison_attempts.delete_one({"_id": "a-lunch"})
+    clustered(db, [backend_photo("0-early", "2026-06-06T11:59:30Z", 2.35221, 48.8566)])
+
+    holder = photo_events(db)["0-early"]
+    assert photo_events(db)["a-lunch"] == holder != lunch_event
+    assert live_counts(db) == canonical_counts(db)
+    retired = db.events.find_one({"_id": lunch_event})
+    assert (retired["mergedInto"], retired["photoCount"], retired["version"]) == (holder, 0, 3)
