@@ -234,6 +234,7 @@ def collect_summary(db: Database, stats: dict, expected: dict | None = None) -> 
         "events": {
             "live": stats["live_events"],
             "tombstones": stats["tombstones"],
+            "retired": stats["retired_events"],
             "sizes": _size_distribution(sizes),
             "largest": [_event_row(d) for d in largest],
         },
@@ -385,6 +386,7 @@ def render_summary(found: dict) -> str:
         "Events",
         _row("live", events["live"]),
         _row("tombstones (merged into another)", events["tombstones"]),
+        _row("retired (their photos dead-lettered)", events["retired"]),
     ]
     if sizes["max"] is not None:
         lines.append(

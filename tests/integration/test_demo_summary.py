@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from snapmap_pipeline.cli import collect_stats
-from snapmap_pipeline.simulator.__main__ import collect_summary
+from snapmap_pipeline.simulator.__main__ import collect_summary, render_summary
 
 pytestmark = pytest.mark.storage
 
@@ -43,3 +43,23 @@ def test_caught_up_waits_for_the_queues_not_only_the_links(mongo):
     assert caught_up(db)
     db.photos.update_one({"_id": "p-1"}, {"$set": {"eventId": None}})
     assert not caught_up(db), "a photo without its event"
+
+
+def test_the_summary_counts_retired_events_apart_from_live_ones_and_tombstones(mongo):
+    """An event whose photos were all dead-lettered is retired (photoCount 0, no mergedInto):
+    neither live nor a tombstone, and the summary says how many there are."""
+    db = mongo.db()
+    db.events.insert_many(
+        [
+            {"_id": "evt-live", "photoCount": 2, "mergedInto": None},
+            {"_id": "evt-old", "photoCount": 0, "mergedInto": "evt-live"},
+            {"_id": "evt-retired", "photoCount": 0, "mergedInto": None},
+        ]
+    )
+    summary = collect_summary(db, collect_stats(db))
+    assert {k: summary["events"][k] for k in ("live", "tombstones", "retired")} == {
+        "live": 1,
+        "tombstones": 1,
+        "retired": 1,
+    }
+    assert "retired (their photos dead-lettered)" in render_summary(summary | {"database": "t"})
