@@ -44,7 +44,11 @@ from snapmap_pipeline.settings import PipelineSettings
 from snapmap_pipeline.store.dead_letters import DeadLetter, send_dead_letters, with_original_bytes
 from snapmap_pipeline.store.lease import clustering_lease
 from snapmap_pipeline.store.photos import orphan_ids
-from snapmap_pipeline.store.poison import recluster_isolating_poison, release_dead_lettered
+from snapmap_pipeline.store.poison import (
+    TRANSIENT,
+    recluster_isolating_poison,
+    release_dead_lettered,
+)
 from snapmap_pipeline.store.recluster import ReclusterReport, recluster
 
 EXAMPLES = 10
@@ -89,7 +93,8 @@ def sweep_orphans(
     """Recluster up to ``sweep_limit`` orphans older than the grace period, link and publish.
     A photo that fails again and again is dead-lettered like in a streaming run. First,
     dead-lettered photos that still link to an event (a run that stopped while releasing them)
-    are released."""
+    are released; if that fails (not for an outage), the orphans are still healed, then the
+    failure is raised."""
     params = settings.cluster_params()
 
     def step(ids: Sequence[str]) -> ReclusterReport:
@@ -98,7 +103,16 @@ def sweep_orphans(
     cutoff = now - timedelta(minutes=settings.orphan_grace_minutes)
     sweep = Sweep(found=db.photos.count_documents(orphan_filter(cutoff)))
     poisoned_ever = [d["_id"] for d in db.poison_attempts.find({}, {"_id": 1})]
-    released, retired = release_dead_lettered(db, poisoned_ever, step)
+    release_failure: Exception | None = None
+    try:
+        released, retired = release_dead_lettered(db, poisoned_ever, step)
+    except TRANSIENT:
+        raise
+    except Exception as error:  # noqa: BLE001 - raised once the orphans are healed
+        # A partner whose recluster fails must not stop the orphans' healing, which reclusters
+        # other photos; the photos stay linked (their events' counts show it) and the failure
+        # fails the check after the healing.
+        released, retired, release_failure = [], [], error
     sweep.released, sweep.retired = len(released), len(retired)
     sweep.swept = orphan_ids(db, cutoff, settings.sweep_limit)
 
@@ -123,6 +137,8 @@ def sweep_orphans(
         )
     sweep.remaining = db.photos.count_documents(orphan_filter(cutoff))
     sweep.remaining_examples = orphan_ids(db, cutoff, EXAMPLES)
+    if release_failure is not None:
+        raise release_failure
     return sweep
 
 

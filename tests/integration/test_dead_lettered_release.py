@@ -10,6 +10,7 @@ from dagster import instance_for_test
 from pymongo.collection import Collection
 from pymongo.errors import AutoReconnect
 
+from snapmap_pipeline.checks import sweeper
 from snapmap_pipeline.clustering import ClusterParams, canonical_pass
 from snapmap_pipeline.definitions import build_definitions
 from snapmap_pipeline.jobs import SWEEPER_JOB_NAME
@@ -294,3 +295,29 @@ def test_a_retired_event_points_to_the_event_its_first_photo_joins_when_let_back
     assert live_counts(db) == canonical_counts(db)
     retired = db.events.find_one({"_id": lunch_event})
     assert (retired["mergedInto"], retired["photoCount"], retired["version"]) == (holder, 0, 3)
+
+
+def test_a_release_that_fails_does_not_stop_the_sweep_healing_orphans(
+    resources, mongo, monkeypatch
+):
+    """The sweep's release reclusters the partners of a photo a stopped run left linked; if
+    that recluster fails, the orphans elsewhere are still healed before the check fails, and
+    a later sweep releases the photo."""
+    db = mongo.db()
+    clustered(db, [LUNCH, SECOND])
+    shared = photo_events(db)["a-lunch"]
+    db.photos.update_one({"_id": "c-second"}, {"$set": {"deadLettered": True}})
+    db.poison_attempts.insert_one({"_id": "c-second", "attempts": 3, "lastError": "ValueError"})
+    db.photos.insert_one(backend_photo("e-orphan", "2026-06-07T09:00:00Z", 2.30, 48.80))
+    monkeypatch.setattr(sweeper, "recluster", lambda db, ids, params: fail_on(db, "a-lunch")(ids))
+
+    with instance_for_test() as instance:
+        job = build_definitions(resources).resolve_job_def(SWEEPER_JOB_NAME)
+        assert not job.execute_in_process(instance=instance, raise_on_error=False).success
+    assert photo_events(db)["e-orphan"] is not None, "the orphan is healed all the same"
+    assert photo_events(db)["c-second"] == shared, "left for a later sweep"
+
+    monkeypatch.undo()
+    assert sweep(resources)["orphan_photos"].metadata["dead_lettered_released"].value == 1
+    assert photo_events(db)["c-second"] is None
+    assert live_counts(db) == canonical_counts(db)
