@@ -4,6 +4,7 @@ or retired when no photo is left; the sweeper finishes what a stopped run left."
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from dagster import instance_for_test
@@ -321,3 +322,75 @@ def test_a_release_that_fails_does_not_stop_the_sweep_healing_orphans(
     assert sweep(resources)["orphan_photos"].metadata["dead_lettered_released"].value == 1
     assert photo_events(db)["c-second"] is None
     assert live_counts(db) == canonical_counts(db)
+
+
+def assert_canonical_links(db) -> None:
+    """Every photo's link and every live event equal one canonical pass over the photos that
+    are not dead-lettered; dead-lettered photos hold no event."""
+    docs = list(db.photos.find({}))
+    result = canonical_pass(
+        [to_point(d) for d in docs if not d.get("deadLettered")], ClusterParams()
+    )
+    links = {d["_id"]: d.get("eventId") for d in docs}
+    assert links == {d["_id"]: result.assignment.get(d["_id"]) for d in docs}
+    assert live_counts(db) == {i: e.photo_count for i, e in result.events.items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_photos_dead_lettered_across_runs_then_let_back_in_keep_the_canonical_pass(
+    resources, mongo, kafka, settings, seed
+):
+    """A crowd of events that chain into each other; five photos dead-lettered in two runs
+    (batches with healthy photos too), a sweep, a backfill, three photos let back in and a
+    sweep. Links and live events equal the canonical pass at every stage, the backfill writes
+    no event, and the last event-updates message of each event is its stored state."""
+    rng = random.Random(seed)
+    db = mongo.db()
+    crowd = []
+    for i in range(60):
+        second = rng.randrange(40 * 60)
+        crowd.append(
+            backend_photo(
+                f"p{i:02d}",
+                f"2026-06-06T12:{second // 60:02d}:{second % 60:02d}Z",
+                2.3522 + rng.uniform(0, 0.0015),
+                48.8566 + rng.uniform(0, 0.001),
+            )
+        )
+    clustered(db, crowd)
+    ids = sorted(p["_id"] for p in crowd)
+    bad = rng.sample(ids, 5)
+    for run in (bad[:3], bad[3:]):
+        batch = sorted(set(run) | set(rng.sample(ids, 4)))
+        step = fail_on(db, *(p for p in run if p in batch))
+        recluster_isolating_poison(db, batch, step, dead_letter_for(db, kafka, settings), 1)
+        while apply_pending_links(db)[1]:
+            pass
+        assert_canonical_links(db)
+    sweep(resources)
+    versions = {d["_id"]: d["version"] for d in db.events.find({})}
+    with instance_for_test() as instance:
+        backfill(instance, resources, ["2026-06-06"])
+    assert_canonical_links(db)
+    assert {d["_id"]: d["version"] for d in db.events.find({})} == versions
+
+    db.photos.update_many({"_id": {"$in": bad[:3]}}, {"$unset": {"deadLettered": ""}})
+    db.poison_attempts.delete_many({"_id": {"$in": bad[:3]}})
+    assert sweep(resources)["orphan_photos"].metadata["orphans_healed"].value == 3
+    assert_canonical_links(db)
+    assert sweep(resources)["event_photo_counts"].passed
+
+    last: dict[str, dict] = {}
+    for message in read_all(kafka, settings.event_updates_topic):
+        update = json.loads(message.value())
+        if update["version"] >= last.get(update["eventId"], {}).get("version", 0):
+            last[update["eventId"]] = update
+    for event in db.events.find({}):
+        update = last[event["_id"]]
+        live = event["photoCount"] > 0 and event.get("mergedInto") is None
+        assert (update["version"], update["photoCount"], update["mergedInto"]) == (
+            event["version"],
+            event["photoCount"],
+            event.get("mergedInto"),
+        )
+        assert (update["action"] == "tombstoned") == (not live)
