@@ -4,7 +4,8 @@ healed through the same ``recluster`` the streaming runs use.
 - ``orphan_photos``: photos with no event, uploaded longer ago than the grace period (a lost
   Kafka message, exhausted retries) are reclustered, linked and published (WARN if any remain).
 - ``event_photo_counts``: every event's ``photoCount`` equals the photos linked to it (ERROR).
-- ``tombstone_targets``: every tombstone's ``mergedInto`` chain ends at a live event (ERROR).
+- ``tombstone_targets``: every tombstone's ``mergedInto`` chain ends at a live event or a
+  retired one (ERROR).
 - ``storage_urls_exist``: a sample of recent photos' blobs exist (WARN). Outages and auth
   failures are reported as errors, never as missing blobs (cases.md #40, #41).
 
@@ -375,7 +376,7 @@ def _follow_chains(db: Database, heads: dict[str, str]) -> list[str]:
     name="tombstone_targets",
     description=(
         "Every tombstone's mergedInto names an event that exists, and following mergedInto "
-        "from it ends at a live event (no dead end, no loop)."
+        "from it ends at a live event or a retired one (no dead end, no loop)."
     ),
 )
 def tombstone_targets(
