@@ -202,12 +202,13 @@ def assert_end_state(
 
 def assert_canonical(db, params: ClusterParams) -> None:
     """Events and links equal one canonical pass over the applied photos: no duplicate event,
-    every photo in exactly one live event, every count right, tombstones resolving."""
+    every photo in exactly one live event (a dead-lettered one in none), every count right,
+    tombstones resolving to a live or a retired event."""
     applied = list(db.photos.find({"deadLettered": {"$ne": True}}))
     expected = canonical_pass([to_point(d) for d in applied], params)
     assignment = photo_events(db)
     for photo_id in [d["_id"] for d in db.photos.find({"deadLettered": True})]:
-        assignment.pop(photo_id)
+        assert assignment.pop(photo_id) is None, f"dead-lettered {photo_id} holds an event"
     assert assignment == expected.assignment
 
     live = live_events(db)
@@ -221,7 +222,7 @@ def assert_canonical(db, params: ClusterParams) -> None:
     assert db.pending_links.count_documents({}) == 0, "link decisions left unapplied"
     for tombstone in db.events.find({"mergedInto": {"$ne": None}}):
         target = tombstone["mergedInto"]
-        while target not in live:
+        while target is not None and target not in live:  # None: a retired event ends it
             target = db.events.find_one({"_id": target})["mergedInto"]
         assert tombstone["photoCount"] == 0
 
