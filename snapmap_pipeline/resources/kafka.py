@@ -466,7 +466,11 @@ class KafkaResource(ConfigurableResource):
             while position <= offsets.last:
                 if time.monotonic() > deadline:
                     raise KafkaUnavailable(f"read of {offsets.key} stalled at offset {position}")
-                for message in consumer.consume(num_messages=1000, timeout=1.0):
+                # Ask for no more than the range still holds: a batch waits for its count or
+                # the timeout, so a range that ends at the partition's end (every streaming
+                # run's) would otherwise wait the whole second for messages not yet written.
+                wanted = min(1000, offsets.last - position + 1)
+                for message in consumer.consume(num_messages=wanted, timeout=1.0):
                     error = message.error()
                     if error is not None and error.code() != KafkaError._PARTITION_EOF:
                         raise KafkaUnavailable(f"read of {offsets.key}: {error}")
