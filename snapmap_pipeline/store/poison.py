@@ -52,17 +52,15 @@ def recluster_isolating_poison(
 
     Returns the merged report and the ids dead-lettered now."""
     poisoned: list[str] = []
+    outage = False
     try:
-        report = _bisect(db, seed_ids, step, dead_letter, max_attempts, poisoned)
+        return _bisect(db, seed_ids, step, dead_letter, max_attempts, poisoned), poisoned
     except TRANSIENT:
-        raise  # the retried run finds them dead-lettered; the sweeper releases them
-    except Exception:
-        if poisoned:
-            release_dead_lettered(db, poisoned, step)
+        outage = True  # the retried run finds them dead-lettered; the sweeper releases them
         raise
-    if poisoned:
-        release_dead_lettered(db, poisoned, step)
-    return report, poisoned
+    finally:
+        if poisoned and not outage:
+            release_dead_lettered(db, poisoned, step)
 
 
 def _bisect(
