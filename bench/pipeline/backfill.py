@@ -11,7 +11,7 @@ stored the way ingestion stores it (``insert_many``, not timed); then
   reads and writes of the same documents, with no pipeline around them (the clustering
   itself is not timed);
 - ``backfill``: one run of the daily partition in a child process (its own Dagster instance),
-  timed from launch to exit, with the child's peak RSS (``ru_maxrss``), the run's seconds per
+  timed from launch to exit, with the child's own peak RSS (``VmHWM``), the run's seconds per
   step (Dagster's run step stats) and its materialization metadata;
 - ``rerun`` (with ``--rerun``): the same partition once more in a new child process, on the
   day the first run left: the recluster of a day that already has its events, which is what a
@@ -25,13 +25,20 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import resource
 import time
 from datetime import timedelta
 
 from pymongo import InsertOne, UpdateOne
 
-from bench.pipeline.common import DAY_END, emit, event_upserts, isolated_stack, machine, median
+from bench.pipeline.common import (
+    DAY_END,
+    emit,
+    event_upserts,
+    isolated_stack,
+    machine,
+    median,
+    peak_rss_mb,
+)
 from snapmap_pipeline.clustering import ClusterParams, PhotoPoint, canonical_pass
 from snapmap_pipeline.simulator.generator import StreamConfig, generate_stream
 from snapmap_pipeline.store.geocell import cell_of
@@ -140,9 +147,8 @@ def _child(specs: dict, chunk_size: int, profile: str | None, pipe) -> None:
         profiler.stop()
         with open(profile, "w") as out:
             out.write(profiler.output_text(unicode=False, color=False, show_all=False))
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     pipe.send(
-        {"run_s": seconds, "peak_rss_mb": peak_kb / 1024, "step_s": step_s, "metadata": metadata}
+        {"run_s": seconds, "peak_rss_mb": peak_rss_mb(), "step_s": step_s, "metadata": metadata}
     )
     pipe.close()
 

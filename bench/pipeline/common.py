@@ -48,6 +48,17 @@ def machine() -> dict:
     }
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak resident size in MB (``VmHWM``). Not ``ru_maxrss``: Linux keeps
+    the high-water mark of the memory a child shared with its parent at fork, across exec, so a
+    spawned child's ``ru_maxrss`` is never below what its parent held when it started."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line")
+
+
 def env(name: str) -> str:
     value = os.environ.get(name)
     if not value:
