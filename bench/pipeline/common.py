@@ -87,9 +87,12 @@ class Stack:
 
 
 @contextmanager
-def isolated_stack(max_messages_per_run: int = 5000, keep: bool = False) -> Iterator[Stack]:
-    """Fresh topics, database, container and consumer group; removed on exit."""
-    tag = uuid.uuid4().hex[:8]
+def isolated_stack(
+    max_messages_per_run: int = 5000, keep: bool = False, tag: str | None = None
+) -> Iterator[Stack]:
+    """Fresh topics, database, container and consumer group, removed on exit unless ``keep``;
+    or, given the ``tag`` of a kept run, that run's."""
+    tag = tag or uuid.uuid4().hex[:8]
     settings = PipelineSettings(
         uploads_topic=f"bench-uploads-{tag}",
         dead_letter_topic=f"bench-uploads-{tag}.dlq",
