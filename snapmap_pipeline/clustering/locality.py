@@ -203,13 +203,28 @@ def linked_through(
         return []
     if (len(sources) + len(waiting)) ** 2 <= _SMALL_PAIRS:
         return _reachable(list(sources), waiting, params)
-    found, frontier = [], list(sources)
-    while frontier and waiting:
-        frontier = linked_to(waiting, frontier, params)
-        joined = {p.photo_id for p in frontier}
-        waiting = [p for p in waiting if p.photo_id not in joined]
-        found.extend(frontier)
-    return found
+    # The candidates become columns sorted by time once; each hop then works on the rows
+    # still open and within W of the hop's frontier, so a component reached in many hops
+    # costs array slicing per hop, not a rebuild of every candidate.
+    columns = photo_columns(waiting)
+    order = np.argsort(columns.taken_at_us, kind="stable")
+    times = columns.taken_at_us[order]
+    latlon = geo.latlon_radians(columns.lon, columns.lat)[order]
+    frontier = _sorted_by_time(photo_columns(sources))
+    is_open = np.ones(len(waiting), dtype=bool)
+    found: list[PhotoPoint] = []
+    while True:
+        low = int(np.searchsorted(times, frontier[0][0] - params.window_us, side="left"))
+        high = int(np.searchsorted(times, frontier[0][-1] + params.window_us, side="right"))
+        rows = low + np.flatnonzero(is_open[low:high])
+        if not len(rows):
+            return found
+        joined = rows[_linked_sorted(frontier, (times[rows], latlon[rows]), params)]
+        if not len(joined):
+            return found
+        is_open[joined] = False
+        found.extend(waiting[i] for i in np.sort(order[joined]).tolist())
+        frontier = (times[joined], latlon[joined])
 
 
 def _absorb(
@@ -247,17 +262,27 @@ def _reachable(
 
 def _linked_mask(src: PhotoColumns, dst: PhotoColumns, params: ClusterParams) -> np.ndarray:
     """Bool ``(len(dst),)``: which ``dst`` photos are linked to at least one ``src`` photo."""
-    src_order = np.argsort(src.taken_at_us, kind="stable")
     dst_order = np.argsort(dst.taken_at_us, kind="stable")
-    src_sorted = (src.taken_at_us[src_order], geo.latlon_radians(src.lon, src.lat)[src_order])
     dst_sorted = (dst.taken_at_us[dst_order], geo.latlon_radians(dst.lon, dst.lat)[dst_order])
-    if len(src_order) * len(dst_order) <= _SMALL_PAIRS:
-        hit = _linked_by_pairs(src_sorted, dst_sorted, params)
-    else:
-        hit = _linked_by_chunks(src_sorted, dst_sorted, params)
     mask = np.zeros(len(dst_order), dtype=bool)
-    mask[dst_order] = hit
+    mask[dst_order] = _linked_sorted(_sorted_by_time(src), dst_sorted, params)
     return mask
+
+
+def _sorted_by_time(photos: PhotoColumns) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 times in microseconds, ``[lat, lon]`` radians rows), sorted by time."""
+    order = np.argsort(photos.taken_at_us, kind="stable")
+    return photos.taken_at_us[order], geo.latlon_radians(photos.lon, photos.lat)[order]
+
+
+def _linked_sorted(
+    src: tuple[np.ndarray, np.ndarray], dst: tuple[np.ndarray, np.ndarray], params: ClusterParams
+) -> np.ndarray:
+    """:func:`_linked_mask` for photos given as :func:`_sorted_by_time` gives them; the
+    mask is in ``dst``'s (sorted) order."""
+    if len(src[0]) * len(dst[0]) <= _SMALL_PAIRS:
+        return _linked_by_pairs(src, dst, params)
+    return _linked_by_chunks(src, dst, params)
 
 
 def _linked_by_pairs(

@@ -5,9 +5,13 @@ time gaps, latitude-correct longitude spans)."""
 from __future__ import annotations
 
 import math
+import random
 from datetime import timedelta
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from snapmap_pipeline.clustering import (
     EARTH_RADIUS_M,
@@ -20,9 +24,10 @@ from snapmap_pipeline.clustering import (
     linked_to,
     search_windows,
 )
+from snapmap_pipeline.clustering.locality import linked_through
 
 from .oracle import great_circle_m
-from .worlds import T0, destination, fetcher, inside
+from .worlds import ANCHORS, STEP_M, T0, destination, fetcher, inside
 
 pytestmark = pytest.mark.engine
 
@@ -123,6 +128,74 @@ def test_closure_does_not_refetch_windows_it_already_has():
     fetched = [w for windows in calls for w in windows]
     # Time margins double round after round: a few round trips, not one per photo.
     assert len(calls) <= 5 and len(fetched) <= 10
+
+
+def _reachable_by_brute_force(
+    sources: list[PhotoPoint], candidates: list[PhotoPoint], params: ClusterParams
+) -> set[str]:
+    """Every candidate connected to a source through candidates, from the whole matrix of
+    great-circle distances and time gaps (the test's own haversine, no tree)."""
+    everyone = sources + candidates
+    lat = np.radians([p.lat for p in everyone])
+    lon = np.radians([p.lon for p in everyone])
+    seconds = np.array([(p.taken_at - T0).total_seconds() for p in everyone])
+    half = (
+        np.sin((lat[:, None] - lat[None, :]) / 2) ** 2
+        + np.cos(lat[:, None])
+        * np.cos(lat[None, :])
+        * np.sin((lon[:, None] - lon[None, :]) / 2) ** 2
+    )
+    metres = 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.clip(half, 0.0, 1.0)))
+    adjacent = (metres <= 2 * params.radius_m) & (
+        np.abs(seconds[:, None] - seconds[None, :]) <= params.window_s
+    )
+    reached = np.zeros(len(everyone), dtype=bool)
+    reached[: len(sources)] = True
+    queue = list(range(len(sources)))
+    while queue:
+        for other in np.flatnonzero(adjacent[queue.pop()] & ~reached).tolist():
+            reached[other] = True
+            queue.append(other)
+    return {p.photo_id for p, hit in zip(everyone, reached, strict=True) if hit} - {
+        p.photo_id for p in sources
+    }
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), size=st.integers(600, 1_100))
+def test_linked_through_over_many_hops_reaches_what_brute_force_reaches(seed, size):
+    """Inputs large enough for the hop-by-hop path: walks on the lattice that wander for
+    hours (hundreds of hops), crowds, and scattered photos; a few photos are the sources."""
+    rng = random.Random(seed)
+    anchor = rng.choice(ANCHORS)
+    specs: list[tuple[int, int, int]] = []
+    while len(specs) < size:
+        x, y, t = rng.randint(-60, 60), rng.randint(-60, 60), rng.randint(0, 2_000)
+        kind = rng.choice(["walk", "walk", "crowd", "scatter"])
+        for _ in range(rng.randint(20, 300)):
+            specs.append((x, y, t))
+            if kind == "walk":
+                x, y, t = x + rng.randint(-9, 9), y + rng.randint(-9, 9), t + rng.randint(0, 11)
+            elif kind == "crowd":
+                x, y, t = x + rng.randint(-3, 3), y + rng.randint(-3, 3), t + rng.randint(0, 2)
+            else:
+                x, y, t = rng.randint(-90, 90), rng.randint(-90, 90), rng.randint(0, 3_000)
+    photos = [
+        PhotoPoint(
+            f"p{i}",
+            T0 + timedelta(seconds=30 * steps),
+            *destination(*anchor, sx * STEP_M, sy * STEP_M),
+        )
+        for i, (sx, sy, steps) in enumerate(specs[:size])
+    ]
+    rng.shuffle(photos)
+    sources, candidates = photos[:3], photos[3:]
+    params = ClusterParams()
+
+    found = linked_through(sources, candidates, params)
+
+    assert len(found) == len({p.photo_id for p in found})
+    assert {p.photo_id for p in found} == _reachable_by_brute_force(sources, candidates, params)
 
 
 # --- search windows ----------------------------------------------------------------------
