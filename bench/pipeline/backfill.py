@@ -19,7 +19,8 @@ stored the way ingestion stores it (``insert_many``, not timed); then
 
 ``--keep`` leaves the day, its events and its topics in place (the run prints the database,
 ``bench_<tag>``); ``--again <tag>`` then measures the ceiling and the rerun once more on that
-day, without storing and clustering it first, and removes it. At 1,000,000 photos that is
+day, without storing and clustering it first, and removes it (unless ``--keep`` is given
+again, to compare several versions of the code on one day). At 1,000,000 photos that is
 about 20 minutes instead of 95, for comparing changes to the recluster of a day.
 
 Run: ``python -m bench.pipeline.backfill --photos 100000 --repeat 3``.
@@ -220,10 +221,11 @@ def one_run(
     return summary
 
 
-def rerun_kept(tag: str, chunk_size: int, profile: str | None = None) -> dict:
+def rerun_kept(tag: str, chunk_size: int, profile: str | None = None, keep: bool = False) -> dict:
     """The partition run again on the day a ``--keep`` run left (database ``bench_<tag>``),
-    with the ceiling measured again on it; the kept run's names are removed afterwards."""
-    with isolated_stack(tag=tag) as stack:
+    with the ceiling measured again on it; the kept run's names are removed afterwards
+    unless ``keep``."""
+    with isolated_stack(keep=keep, tag=tag) as stack:
         db = stack.mongo.db()
         stored = db.photos.estimated_document_count()
         if not stored:
@@ -251,18 +253,19 @@ def main() -> None:
     parser.add_argument(
         "--again",
         metavar="TAG",
-        help="run the partition again on the day a --keep run left (bench_TAG), then remove it",
+        help="run the partition again on the day a --keep run left (bench_TAG), then remove it "
+        "unless --keep",
     )
     args = parser.parse_args()
 
     before = machine()
     if args.again:
-        run = rerun_kept(args.again, args.chunk_size, args.profile)
+        run = rerun_kept(args.again, args.chunk_size, args.profile, args.keep)
         emit(
             "backfill",
             {
                 "command": f"python -m bench.pipeline.backfill --again {args.again} "
-                f"--chunk-size {args.chunk_size}",
+                f"--chunk-size {args.chunk_size}" + (" --keep" if args.keep else ""),
                 "partition": PARTITION,
                 "machine_before": before,
                 "machine_after": machine(),
