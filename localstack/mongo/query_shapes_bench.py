@@ -6,7 +6,8 @@
 It loads ``--photos`` photo-like documents into the database ``query_shapes`` (dropped first
 and at the end; point it only at a server of your own) with the indexes of
 ``snapmap_pipeline/store/schema.py``, then times, ``--repeat`` times each (the median is
-printed), the query shapes of ``snapmap_pipeline/store``: albums by ``eventId $in``, a
+printed), the query shapes of ``snapmap_pipeline/store``: albums by ``eventId $in``, photos by a
+list of 5,000 ids (alone, and with a further condition), a
 recluster neighbourhood (``$or`` of ``cell $in`` plus a ``takenAt`` range), one hour of
 ``takenAt``, the backfill's day pages (the whole day sorted by ``(takenAt, _id)``, limit
 50,000: the first page, and one from noon), pending flags sorted by ``_id`` with a limit, and
@@ -77,6 +78,21 @@ def shapes(photos: int) -> dict:
         "albums: eventId $in 1,000": (
             "photos",
             {"eventId": {"$in": [f"e{rng.randrange(events):07d}" for _ in range(1000)]}},
+            None,
+            0,
+        ),
+        "photos by _id $in 5,000": (
+            "photos",
+            {"_id": {"$in": [f"p{rng.randrange(photos):07d}" for _ in range(5000)]}},
+            None,
+            0,
+        ),
+        "photos by _id $in 5,000 and a condition": (
+            "photos",
+            {
+                "_id": {"$in": [f"p{rng.randrange(photos):07d}" for _ in range(5000)]},
+                "deadLettered": {"$ne": True},
+            },
             None,
             0,
         ),

@@ -516,7 +516,8 @@ final class IndexSafeH2Backend extends H2Backend {
         }
 
         /** The query's values for the index's keys, when it is unique and every one of them
-         * is a plain value (no operator, sub-document, array, regular expression or null). */
+         * is a plain value (no operator, sub-document, array, regular expression or null); or,
+         * for a single-key unique index, an {@code $in} list of plain values. */
         private static Document plainEqualities(Document query, Index<Object> index) {
             if (!index.isUnique()) {
                 return null;
@@ -524,14 +525,27 @@ final class IndexSafeH2Backend extends H2Backend {
             Document equalities = new Document();
             for (IndexKey key : index.getKeys()) {
                 Object value = query.get(key.getKey());
-                if (value == null || value instanceof Document
-                    || value instanceof java.util.Collection<?>
-                    || BsonRegularExpression.isRegularExpression(value)) {
+                boolean plainIn = index.getKeys().size() == 1 && value instanceof Document in
+                    && in.size() == 1 && in.get("$in") instanceof java.util.Collection<?> values
+                    && values.stream().allMatch(Collection::isPlainValue);
+                if (!plainIn && !isPlainValue(value)) {
                     return null;
                 }
                 equalities.put(key.getKey(), value);
             }
             return equalities;
+        }
+
+        private static boolean isPlainValue(Object value) {
+            return value != null && !(value instanceof Document)
+                && !(value instanceof java.util.Collection<?>)
+                && !BsonRegularExpression.isRegularExpression(value);
+        }
+
+        /** Long {@code $in} lists are matched by hash lookups ({@link InLists}). */
+        @Override
+        protected boolean documentMatchesQuery(Document document, Document query) {
+            return InLists.matches(document, query, super::documentMatchesQuery);
         }
     }
 }
