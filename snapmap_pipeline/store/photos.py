@@ -61,6 +61,12 @@ def upsert_uploads(
     between: the versions are compared on the read, and the writes filter by ``_id`` alone (a
     version condition in an upsert's filter would also make a superseded photo's upsert an
     insert of an ``_id`` that exists). Returns the number of documents created or modified.
+
+    A message newer than the one a dead-lettered photo was dead-lettered with lets the photo
+    back in (``deadLettered`` and its ``poison_attempts`` removed): the run that applied it
+    clusters the photo again, and dead-letters it again, naming this message, if it still
+    fails. Kept out, the photo would leave this message neither applied nor dead-lettered. A
+    replay of the dead-lettered message itself (the same version) keeps the photo out.
     """
     if not uploads:
         return 0
@@ -75,13 +81,14 @@ def upsert_uploads(
             d["_id"]: d
             for d in db.photos.find(
                 {"_id": {"$in": list(versions)}},
-                {"sourceVersion": 1, "storageUrl": 1, "eventId": 1},
+                {"sourceVersion": 1, "storageUrl": 1, "eventId": 1, "deadLettered": 1},
             )
         }
         requests = []
         # Events whose album lists a photo whose storageUrl changes: clustering does not see
         # the URL, so no recluster would mark their manifests for rewriting.
         albums_changed: set[str] = set()
+        let_back_in: list[str] = []
         for upload, source, published_at in newest.values():
             version = versions[upload.photo_id]
             previous = stored.get(upload.photo_id, {})
@@ -101,22 +108,21 @@ def upsert_uploads(
             if upload.extra:
                 # Kept as text: extra keys are not vetted as MongoDB field names.
                 fields["extraJson"] = json.dumps(upload.extra, sort_keys=True)
-            requests.append(
-                UpdateOne(
-                    {"_id": upload.photo_id},
-                    {
-                        "$set": fields,
-                        "$setOnInsert": {
-                            "uploadedAt": min(published_at or now, now),
-                            "eventId": None,
-                        },
-                    },
-                    upsert=True,
-                )
-            )
+            update = {
+                "$set": fields,
+                "$setOnInsert": {"uploadedAt": min(published_at or now, now), "eventId": None},
+            }
+            if previous.get("deadLettered") and (newer is None or version > newer):
+                update["$unset"] = {"deadLettered": ""}
+                let_back_in.append(upload.photo_id)
+            requests.append(UpdateOne({"_id": upload.photo_id}, update, upsert=True))
         if not requests:
             return 0
         result = db.photos.bulk_write(requests, ordered=False)
+        if let_back_in:
+            # After the photos' write: a stop in between leaves the attempts counted, which
+            # only makes a photo that fails again go out sooner.
+            db.poison_attempts.delete_many({"_id": {"$in": let_back_in}})
         if albums_changed:
             db.events.update_many(
                 {"_id": {"$in": sorted(albums_changed)}}, {"$set": {"manifestPending": True}}

@@ -11,6 +11,7 @@ from dagster import instance_for_test
 from pymongo.collection import Collection
 from pymongo.errors import AutoReconnect
 
+from snapmap_pipeline.assets import events as events_asset
 from snapmap_pipeline.checks import sweeper
 from snapmap_pipeline.clustering import ClusterParams, canonical_pass
 from snapmap_pipeline.definitions import build_definitions
@@ -22,9 +23,10 @@ from snapmap_pipeline.store.outbox import manifest, publish_pending, write_pendi
 from snapmap_pipeline.store.photos import to_point
 from snapmap_pipeline.store.poison import recluster_isolating_poison
 from snapmap_pipeline.store.recluster import recluster
-from tests.faults.conftest import read_all
-from tests.integration.pipeline import photo_events
+from tests.faults.conftest import assert_end_state, read_all
+from tests.integration.pipeline import Harness, photo_events, publish, upload
 from tests.integration.sweeper_data import backend_photo, backfill, evaluations
+from tests.integration.test_ingestion import changed
 from tests.integration.test_manifest_race import manifest_photos
 
 pytestmark = pytest.mark.sweeper
@@ -394,3 +396,42 @@ def test_photos_dead_lettered_across_runs_then_let_back_in_keep_the_canonical_pa
             event.get("mergedInto"),
         )
         assert (update["action"] == "tombstoned") == (not live)
+
+
+def test_a_newer_message_of_a_dead_lettered_photo_lets_it_back_in(
+    resources, mongo, kafka, blob, settings, monkeypatch
+):
+    """A linked photo is dead-lettered by a later message's run, then sent again, valid. The
+    newer message must end applied (or dead-lettered itself): kept out, the photo would leave
+    it neither. A replay of the dead-lettered range keeps the photo out."""
+    one_try = changed(settings, max_poison_attempts=1)
+    resources = {**resources, "settings": one_try}
+    topic = one_try.uploads_topic
+    db = mongo.db()
+    lunch = upload("a-lunch", "2026-06-06T12:00:00Z", 2.3522, 48.8566)
+    second = upload("c-second", "2026-06-06T12:01:00Z", 2.35233, 48.8566)
+    with instance_for_test() as instance:
+        harness = Harness(instance, resources)
+        publish(kafka, topic, [lunch, second], partition=0)
+        harness.drain()
+        shared = photo_events(db)["a-lunch"]
+
+        def failing(db, ids, *args):
+            if "a-lunch" in ids:
+                raise ValueError("cannot cluster a-lunch")
+            return recluster(db, ids, *args)
+
+        monkeypatch.setattr(events_asset, "recluster", failing)
+        publish(kafka, topic, [lunch], partition=0)
+        (dead_lettering,) = harness.drain()
+        monkeypatch.undo()
+        assert photo_events(db)["a-lunch"] is None
+        harness.execute(dead_lettering)
+        assert db.photos.find_one({"_id": "a-lunch"})["deadLettered"], "a replay keeps it out"
+
+        publish(kafka, topic, [upload("a-lunch", "2026-06-06T12:00:30Z", 2.3522, 48.8566)], 0)
+        harness.drain()
+    assert "deadLettered" not in db.photos.find_one({"_id": "a-lunch"})
+    assert db.poison_attempts.count_documents({}) == 0
+    assert photo_events(db) == {"a-lunch": shared, "c-second": shared}
+    assert_end_state(kafka, db, blob, one_try)
