@@ -448,13 +448,14 @@ class KafkaResource(ConfigurableResource):
     def read_range(self, offsets: OffsetRange) -> tuple[list[Message], int]:
         """Read exactly ``offsets`` with assign + seek, so a re-executed run reads the same
         messages. Returns the messages and how many leading offsets retention had already
-        deleted (they can never be read; the caller records the gap)."""
+        deleted (they can never be read; the caller records the gap): never more than the
+        range holds, however far past its end retention has gone."""
         messages: list[Message] = []
         deadline = time.monotonic() + self.timeout_s * 3
         with self.consumer() as consumer:
             marks = self.watermarks(consumer, offsets.topic, offsets.partition)
             start = max(offsets.first, marks.low)
-            lost = start - offsets.first
+            lost = max(0, min(start, offsets.last + 1) - offsets.first)
             if start > offsets.last:
                 return messages, lost
             if marks.high <= offsets.last:
