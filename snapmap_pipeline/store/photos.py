@@ -105,16 +105,20 @@ def upsert_uploads(
                 "source": source,
                 "sourceVersion": version,
             }
+            # Gone from a newer message, an extra field goes from the photo too.
+            unset = {} if upload.extra else {"extraJson": ""}
             if upload.extra:
                 # Kept as text: extra keys are not vetted as MongoDB field names.
                 fields["extraJson"] = json.dumps(upload.extra, sort_keys=True)
+            if previous.get("deadLettered") and (newer is None or version > newer):
+                unset["deadLettered"] = ""
+                let_back_in.append(upload.photo_id)
             update = {
                 "$set": fields,
                 "$setOnInsert": {"uploadedAt": min(published_at or now, now), "eventId": None},
             }
-            if previous.get("deadLettered") and (newer is None or version > newer):
-                update["$unset"] = {"deadLettered": ""}
-                let_back_in.append(upload.photo_id)
+            if unset:
+                update["$unset"] = unset
             requests.append(UpdateOne({"_id": upload.photo_id}, update, upsert=True))
         if not requests:
             return 0

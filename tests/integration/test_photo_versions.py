@@ -14,7 +14,9 @@ from dagster import RunRequest, instance_for_test
 
 from snapmap_pipeline.assets.ingest import held_back_before, split_batch
 from snapmap_pipeline.cli import account_partition
+from snapmap_pipeline.contract.validation import PhotoUpload
 from snapmap_pipeline.resources.kafka import OffsetRange
+from snapmap_pipeline.store.photos import upsert_uploads
 from tests.integration.pipeline import Harness, photo_events, upload
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kafka, pytest.mark.storage]
@@ -282,3 +284,22 @@ def test_a_topic_the_pipeline_creates_refuses_a_producer_timestamp_hours_ahead(s
         producer.flush(15)
     assert len(outcomes) == 1 and outcomes[0] is not None, outcomes
     assert outcomes[0].code() == KafkaError.INVALID_TIMESTAMP, outcomes[0]
+
+
+def test_a_newer_message_without_extra_fields_leaves_none_of_the_older_ones(mongo):
+    """The stored photo is the newest message, its extra fields included: a correction that
+    drops an extra field must not keep the older message's value of it."""
+    db = mongo.db()
+    taken = datetime(2026, 5, 1, 12, tzinfo=UTC)
+    tagged = PhotoUpload("edited", taken, *OLD, "azure://photos/a.jpg", {"album": "old trip"})
+    plain = PhotoUpload("edited", taken, *NEW, "azure://photos/a.jpg")
+    source = {"topic": "photo-uploads", "partition": 0, "topicId": None}
+    published = datetime.fromtimestamp(T0 / 1000, UTC)
+
+    upsert_uploads(db, [(tagged, source | {"offset": 0}, published)])
+    assert json.loads(db.photos.find_one({"_id": "edited"})["extraJson"]) == {"album": "old trip"}
+    upsert_uploads(db, [(plain, source | {"offset": 1}, published)])
+
+    photo = db.photos.find_one({"_id": "edited"})
+    assert tuple(photo["location"]["coordinates"]) == NEW
+    assert "extraJson" not in photo, photo["extraJson"]
