@@ -163,8 +163,12 @@ def release_dead_lettered(
     partners = sorted({p for ids in photos_linked_to(db, former).values() for p in ids})
     if partners:
         step(partners)
-    released = sorted(set(queued) | {p for p, e in dead.items() if e is not None})
+    linked = sorted(set(queued) | {p for p, e in dead.items() if e is not None})
     with clustering_lease(db):
+        # Read again under the lease: a photo let back in since (a newer message, or the
+        # operator) may have been clustered again, and its new link must stay.
+        query = {"_id": {"$in": linked}, "deadLettered": True}
+        released = sorted(doc["_id"] for doc in db.photos.find(query, {"_id": 1}))
         # Retired first (a dead-lettered photo holds no event already, see photos_linked_to),
         # links last: the links are how the next call finds these events again, so a run
         # stopped between these writes leaves nothing that call could not finish.

@@ -435,3 +435,24 @@ def test_a_newer_message_of_a_dead_lettered_photo_lets_it_back_in(
     assert db.poison_attempts.count_documents({}) == 0
     assert photo_events(db) == {"a-lunch": shared, "c-second": shared}
     assert_end_state(kafka, db, blob, one_try)
+
+
+def test_a_photo_let_back_in_while_it_is_being_released_keeps_its_new_link(mongo):
+    """A release reads the dead-lettered photos, reclusters their partners, then unlinks them
+    under the lease. A photo let back in between (a newer message's run, or the operator) and
+    clustered again must keep the link that run decided."""
+    db = mongo.db()
+    clustered(db, [LUNCH, SECOND])
+    db.photos.update_one({"_id": "a-lunch"}, {"$set": {"deadLettered": True}})  # left linked
+
+    def let_back_in_meanwhile(partners):
+        db.photos.update_one({"_id": "a-lunch"}, {"$unset": {"deadLettered": ""}})
+        recluster(db, ["a-lunch"], ClusterParams())
+        return recluster(db, partners, ClusterParams())
+
+    poison.release_dead_lettered(db, ["a-lunch"], let_back_in_meanwhile)
+    while apply_pending_links(db)[1]:
+        pass
+
+    assert photo_events(db)["a-lunch"] == photo_events(db)["c-second"] is not None
+    assert live_counts(db) == canonical_counts(db)
