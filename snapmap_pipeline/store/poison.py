@@ -120,7 +120,7 @@ def _count_attempt(
             reason,
         )
         raise error
-    photo = db.photos.find_one({"_id": photo_id}, {"source": 1}) or {}
+    photo = db.photos.find_one({"_id": photo_id}, {"source": 1, "sourceVersion": 1}) or {}
     source = photo.get("source") or {}
     letter = DeadLetter(
         topic=source.get("topic", "unknown"),
@@ -133,7 +133,21 @@ def _count_attempt(
         topic_id=source.get("topicId"),
     )
     dead_letter([letter])
-    db.photos.update_one({"_id": photo_id}, {"$set": {"deadLettered": True}})
+    # Only the message the letter names: a newer one stored meanwhile (another partition's
+    # run) lets the photo back in (store/photos.py), and its run tries the photo afresh.
+    marked = db.photos.update_one(
+        {"_id": photo_id, "sourceVersion": photo.get("sourceVersion")},
+        {"$set": {"deadLettered": True}},
+    )
+    if photo and not marked.matched_count:
+        db.poison_attempts.delete_one({"_id": photo_id})
+        log.warning(
+            "photo %s: its message %s is dead-lettered, but a newer message was stored "
+            "meanwhile; the photo is tried again with it",
+            photo_id,
+            letter.source_key,
+        )
+        return []
     log.error(
         "photo %s dead-lettered after %d failed attempts: %s", photo_id, record["attempts"], reason
     )

@@ -14,18 +14,19 @@ from pymongo.errors import AutoReconnect
 from snapmap_pipeline.assets import events as events_asset
 from snapmap_pipeline.checks import sweeper
 from snapmap_pipeline.clustering import ClusterParams, canonical_pass
+from snapmap_pipeline.contract.validation import PhotoUpload
 from snapmap_pipeline.definitions import build_definitions
 from snapmap_pipeline.jobs import SWEEPER_JOB_NAME
 from snapmap_pipeline.store import poison
 from snapmap_pipeline.store.dead_letters import send_dead_letters
 from snapmap_pipeline.store.events import LIVE_EVENTS, apply_pending_links, queue_links
 from snapmap_pipeline.store.outbox import manifest, publish_pending, write_pending_manifests
-from snapmap_pipeline.store.photos import to_point
+from snapmap_pipeline.store.photos import to_point, upsert_uploads
 from snapmap_pipeline.store.poison import recluster_isolating_poison
 from snapmap_pipeline.store.recluster import recluster
 from tests.faults.conftest import assert_end_state, read_all
 from tests.integration.pipeline import Harness, photo_events, publish, upload
-from tests.integration.sweeper_data import backend_photo, backfill, evaluations
+from tests.integration.sweeper_data import at, backend_photo, backfill, evaluations
 from tests.integration.test_ingestion import changed
 from tests.integration.test_manifest_race import manifest_photos
 
@@ -454,5 +455,37 @@ def test_a_photo_let_back_in_while_it_is_being_released_keeps_its_new_link(mongo
     while apply_pending_links(db)[1]:
         pass
 
+    assert photo_events(db)["a-lunch"] == photo_events(db)["c-second"] is not None
+    assert live_counts(db) == canonical_counts(db)
+
+
+def test_a_photo_whose_newer_message_is_stored_while_it_is_dead_lettered_stays_in(
+    mongo, kafka, settings
+):
+    """Another partition's run stores a newer message of the photo between the attempt that
+    reaches the limit and the photo's mark: the letter names the older message, and the photo
+    stays in for the newer one's run, which would otherwise find it dead-lettered and leave
+    that message neither applied nor dead-lettered."""
+    db = mongo.db()
+    clustered(db, [LUNCH, SECOND])
+    newer = PhotoUpload("a-lunch", at("2026-06-06T12:00:20Z"), 2.3522, 48.8566, "azure://p/a.jpg")
+    source = {"topic": settings.uploads_topic, "partition": 1, "offset": 0, "topicId": None}
+    sent = dead_letter_for(db, kafka, settings)
+
+    def newer_message_stored_meanwhile(letters):
+        upsert_uploads(db, [(newer, source, None)])
+        return sent(letters)
+
+    _, poisoned = recluster_isolating_poison(
+        db, ["a-lunch"], fail_on(db, "a-lunch"), newer_message_stored_meanwhile, 1
+    )
+
+    assert poisoned == []
+    assert "deadLettered" not in db.photos.find_one({"_id": "a-lunch"})
+    assert db.poison_attempts.count_documents({}) == 0
+    assert db.dead_letters.count_documents({}) == 1
+    recluster(db, ["a-lunch"], ClusterParams())  # the newer message's run
+    while apply_pending_links(db)[1]:
+        pass
     assert photo_events(db)["a-lunch"] == photo_events(db)["c-second"] is not None
     assert live_counts(db) == canonical_counts(db)
