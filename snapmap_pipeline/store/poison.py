@@ -133,12 +133,15 @@ def _count_attempt(
         topic_id=source.get("topicId"),
     )
     dead_letter([letter])
-    # Only the message the letter names: a newer one stored meanwhile (another partition's
-    # run) lets the photo back in (store/photos.py), and its run tries the photo afresh.
-    marked = db.photos.update_one(
-        {"_id": photo_id, "sourceVersion": photo.get("sourceVersion")},
-        {"$set": {"deadLettered": True}},
-    )
+    # Only with the message the letter names: a newer one stored meanwhile (another
+    # partition's run) lets the photo back in, and its run tries the photo afresh. Under the
+    # lease, like upsert_uploads' read and write, so a newer message is stored either before
+    # the mark (which then fails) or after it (and clears it).
+    with clustering_lease(db):
+        marked = db.photos.update_one(
+            {"_id": photo_id, "sourceVersion": photo.get("sourceVersion")},
+            {"$set": {"deadLettered": True}},
+        )
     if photo and not marked.matched_count:
         db.poison_attempts.delete_one({"_id": photo_id})
         log.warning(

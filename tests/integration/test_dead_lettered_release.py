@@ -20,6 +20,7 @@ from snapmap_pipeline.jobs import SWEEPER_JOB_NAME
 from snapmap_pipeline.store import poison
 from snapmap_pipeline.store.dead_letters import send_dead_letters
 from snapmap_pipeline.store.events import LIVE_EVENTS, apply_pending_links, queue_links
+from snapmap_pipeline.store.lease import clustering_lease
 from snapmap_pipeline.store.outbox import manifest, publish_pending, write_pending_manifests
 from snapmap_pipeline.store.photos import to_point, upsert_uploads
 from snapmap_pipeline.store.poison import recluster_isolating_poison
@@ -212,8 +213,13 @@ def test_an_album_never_lists_a_dead_lettered_photo_its_stopped_release_left_lin
     write_pending_manifests(db, blob)
     assert manifest_photos(blob, shared) == ["a-lunch", "c-second"]
 
+    taken = []
+
     def stopped(db):
-        raise RuntimeError("run stopped before the lease")
+        taken.append(db)
+        if len(taken) == 2:  # the first marks the photo, the second is the release's
+            raise RuntimeError("run stopped before the lease")
+        return clustering_lease(db)
 
     monkeypatch.setattr(poison, "clustering_lease", stopped)
     with pytest.raises(RuntimeError, match="stopped"):
