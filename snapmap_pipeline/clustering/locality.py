@@ -206,11 +206,8 @@ def linked_through(
     # The candidates become columns sorted by time once; each hop then works on the rows
     # still open and within W of the hop's frontier, so a component reached in many hops
     # costs array slicing per hop, not a rebuild of every candidate.
-    columns = photo_columns(waiting)
-    order = np.argsort(columns.taken_at_us, kind="stable")
-    times = columns.taken_at_us[order]
-    latlon = geo.latlon_radians(columns.lon, columns.lat)[order]
-    frontier = _sorted_by_time(photo_columns(sources))
+    order, (times, latlon) = _sorted_by_time(photo_columns(waiting))
+    _, frontier = _sorted_by_time(photo_columns(sources))
     is_open = np.ones(len(waiting), dtype=bool)
     found: list[PhotoPoint] = []
     while True:
@@ -262,24 +259,26 @@ def _reachable(
 
 def _linked_mask(src: PhotoColumns, dst: PhotoColumns, params: ClusterParams) -> np.ndarray:
     """Bool ``(len(dst),)``: which ``dst`` photos are linked to at least one ``src`` photo."""
-    dst_order = np.argsort(dst.taken_at_us, kind="stable")
-    dst_sorted = (dst.taken_at_us[dst_order], geo.latlon_radians(dst.lon, dst.lat)[dst_order])
+    dst_order, dst_sorted = _sorted_by_time(dst)
     mask = np.zeros(len(dst_order), dtype=bool)
-    mask[dst_order] = _linked_sorted(_sorted_by_time(src), dst_sorted, params)
+    mask[dst_order] = _linked_sorted(_sorted_by_time(src)[1], dst_sorted, params)
     return mask
 
 
-def _sorted_by_time(photos: PhotoColumns) -> tuple[np.ndarray, np.ndarray]:
-    """(int64 times in microseconds, ``[lat, lon]`` radians rows), sorted by time."""
+def _sorted_by_time(
+    photos: PhotoColumns,
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """The time order of ``photos`` (a stable argsort), and their (int64 times in
+    microseconds, ``[lat, lon]`` radians rows) in that order."""
     order = np.argsort(photos.taken_at_us, kind="stable")
-    return photos.taken_at_us[order], geo.latlon_radians(photos.lon, photos.lat)[order]
+    return order, (photos.taken_at_us[order], geo.latlon_radians(photos.lon, photos.lat)[order])
 
 
 def _linked_sorted(
     src: tuple[np.ndarray, np.ndarray], dst: tuple[np.ndarray, np.ndarray], params: ClusterParams
 ) -> np.ndarray:
-    """:func:`_linked_mask` for photos given as :func:`_sorted_by_time` gives them; the
-    mask is in ``dst``'s (sorted) order."""
+    """:func:`_linked_mask` for photos in time order (as :func:`_sorted_by_time` gives them);
+    the mask is in ``dst``'s order."""
     if len(src[0]) * len(dst[0]) <= _SMALL_PAIRS:
         return _linked_by_pairs(src, dst, params)
     return _linked_by_chunks(src, dst, params)
