@@ -20,11 +20,14 @@ from snapmap_pipeline.clustering import (
     canonical_pass,
     closure,
     event_id_for,
+    geo,
     linked,
     linked_to,
     search_windows,
 )
+from snapmap_pipeline.clustering import locality as locality_module
 from snapmap_pipeline.clustering.locality import linked_through
+from snapmap_pipeline.clustering.model import MAX_RADIUS_M, MAX_WINDOW_S
 
 from .oracle import great_circle_m
 from .worlds import ANCHORS, STEP_M, T0, destination, fetcher, inside
@@ -131,14 +134,18 @@ def test_closure_does_not_refetch_windows_it_already_has():
 
 
 def _reachable_by_brute_force(
-    sources: list[PhotoPoint], candidates: list[PhotoPoint], params: ClusterParams
+    sources: list[PhotoPoint],
+    candidates: list[PhotoPoint],
+    params: ClusterParams,
+    reach_m: float | None = None,
 ) -> set[str]:
     """Every candidate connected to a source through candidates, from the whole matrix of
-    great-circle distances and time gaps (the test's own haversine, no tree)."""
+    great-circle distances and time gaps (the test's own haversine, no tree). Photos link
+    within ``reach_m`` (2R unless given) and W, times compared in whole microseconds."""
     everyone = sources + candidates
     lat = np.radians([p.lat for p in everyone])
     lon = np.radians([p.lon for p in everyone])
-    seconds = np.array([(p.taken_at - T0).total_seconds() for p in everyone])
+    micros = np.array([(p.taken_at - T0) // timedelta(microseconds=1) for p in everyone])
     half = (
         np.sin((lat[:, None] - lat[None, :]) / 2) ** 2
         + np.cos(lat[:, None])
@@ -146,8 +153,8 @@ def _reachable_by_brute_force(
         * np.sin((lon[:, None] - lon[None, :]) / 2) ** 2
     )
     metres = 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.clip(half, 0.0, 1.0)))
-    adjacent = (metres <= 2 * params.radius_m) & (
-        np.abs(seconds[:, None] - seconds[None, :]) <= params.window_s
+    adjacent = (metres <= (2 * params.radius_m if reach_m is None else reach_m)) & (
+        np.abs(micros[:, None] - micros[None, :]) <= params.window_us
     )
     reached = np.zeros(len(everyone), dtype=bool)
     reached[: len(sources)] = True
@@ -196,6 +203,65 @@ def test_linked_through_over_many_hops_reaches_what_brute_force_reaches(seed, si
 
     assert len(found) == len({p.photo_id for p in found})
     assert {p.photo_id for p in found} == _reachable_by_brute_force(sources, candidates, params)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    size=st.sampled_from([501, 502, 530, 700]),
+    shape=st.sampled_from(["one instant", "steps of W", "steps of 2R", "chain", "far apart"]),
+    params=st.sampled_from(
+        [
+            ClusterParams(),
+            ClusterParams(radius_m=MAX_RADIUS_M, window_s=MAX_WINDOW_S),
+            ClusterParams(radius_m=50.0, window_s=MAX_WINDOW_S),
+            ClusterParams(radius_m=MAX_RADIUS_M, window_s=0.0),
+            ClusterParams(radius_m=0.5, window_s=0.0),
+        ]
+    ),
+    by_time=st.booleans(),
+)
+def test_linked_through_on_exact_boundaries_reaches_what_brute_force_reaches(
+    seed, size, shape, params, by_time
+):
+    """Inputs just past the small-input threshold whose links sit on the boundaries: photos
+    at one instant, gaps of exactly W (and W plus 1 us), distances of exactly 2R (and 1 %
+    more) along a meridian, near the poles and the antimeridian, with the largest and the
+    smallest R and W; given in time order (the order a store reads them) or shuffled."""
+    assert (size + 1) ** 2 > locality_module._SMALL_PAIRS
+    rng = random.Random(seed)
+    anchor = rng.choice(ANCHORS)
+    two_r, window = 2 * params.radius_m, timedelta(seconds=params.window_s)
+    photos = []
+    east = north = 0.0
+    taken = T0
+    for i in range(size):
+        if shape == "one instant":
+            east, north = two_r * rng.randint(-4, 4), two_r * rng.randint(-4, 4)
+        elif shape == "steps of W":
+            east, taken = rng.randint(-2, 2) * params.radius_m, T0 + window * rng.randint(0, 30)
+        elif shape == "steps of 2R":
+            north, taken = two_r * rng.randint(-25, 25), T0 + window * rng.randint(0, 2)
+        elif shape == "chain":
+            north += rng.choice([0.0, two_r, two_r * 1.01])
+            taken += rng.choice([timedelta(0), window, window + timedelta(microseconds=1)])
+        else:
+            north, taken = two_r * 1.01 * i, T0 + window * rng.randint(0, 3)
+        photos.append(PhotoPoint(f"p{i}", taken, *destination(*anchor, east, north)))
+    if by_time:
+        photos.sort(key=lambda p: p.taken_at)
+    else:
+        rng.shuffle(photos)
+    count = rng.choice([1, 3, 40])
+    sources, candidates = photos[:count], photos[count:]
+
+    found = linked_through(sources, candidates, params)
+
+    assert len(found) == len({p.photo_id for p in found})
+    reach_m = geo.link_reach_m(params.radius_m)
+    assert {p.photo_id for p in found} == _reachable_by_brute_force(
+        sources, candidates, params, reach_m
+    )
 
 
 # --- search windows ----------------------------------------------------------------------
