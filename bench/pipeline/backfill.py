@@ -230,8 +230,9 @@ def rerun_kept(tag: str, chunk_size: int, profile: str | None = None, keep: bool
         stored = db.photos.estimated_document_count()
         if not stored:
             sys.exit(f"no photos in {stack.mongo.database}: not a kept backfill run")
-        limit = measure_limit(db)
+        # The rerun first: its figures stand even if the ceiling is cut short.
         again = run_backfill(stack, chunk_size, profile)
+        limit = measure_limit(db)
     return {"photos_stored": stored, "limit": limit, "rerun": _summary(again, limit)}
 
 
