@@ -232,6 +232,7 @@ def rerun_kept(tag: str, chunk_size: int, profile: str | None = None, keep: bool
             sys.exit(f"no photos in {stack.mongo.database}: not a kept backfill run")
         # The rerun first: its figures stand even if the ceiling is cut short.
         again = run_backfill(stack, chunk_size, profile)
+        print(json.dumps({"rerun_before_ceiling": again}, default=str), flush=True)
         limit = measure_limit(db)
     return {"photos_stored": stored, "limit": limit, "rerun": _summary(again, limit)}
 
