@@ -494,6 +494,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "recluster":
+        from snapmap_pipeline.contract.validation import EARLIEST_TAKEN_AT
+
+        first_day = EARLIEST_TAKEN_AT.date()
+        if args.first < first_day:
+            parser.error(
+                f"--from {args.first} is before {first_day}, the first day of daily_events "
+                "(no photo the upload contract accepts is taken earlier)"
+            )
         if args.last < args.first:
             parser.error("--to is before --from")
         if args.chunk_size is not None and args.chunk_size <= 0:

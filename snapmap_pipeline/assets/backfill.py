@@ -37,6 +37,7 @@ from pymongo.database import Database
 from snapmap_pipeline.assets.events import report_metadata
 from snapmap_pipeline.assets.ingest import OWNERS
 from snapmap_pipeline.clustering import ClusterParams
+from snapmap_pipeline.contract.validation import EARLIEST_TAKEN_AT
 from snapmap_pipeline.jobs import RECLUSTER_JOB_NAME
 from snapmap_pipeline.resources.blob import BlobStorageResource
 from snapmap_pipeline.resources.kafka import KafkaResource
@@ -51,8 +52,12 @@ DEFAULT_CHUNK_SIZE = 50_000
 _PLOT_SIZE_IN = (4.0, 2.4)
 _PLOT_DPI = 72
 
-# UTC on purpose: a day is 24 hours everywhere, with no DST shifts (cases.md #30).
-DAILY_PARTITIONS = DailyPartitionsDefinition(start_date="2009-01-01", timezone="UTC", end_offset=1)
+# UTC on purpose: a day is 24 hours everywhere, with no DST shifts (cases.md #30). The first
+# day is the upload contract's earliest takenAt, so that the day of every photo the contract
+# accepts can be backfilled from the UI as well as with `snapmap recluster`.
+DAILY_PARTITIONS = DailyPartitionsDefinition(
+    start_date=EARLIEST_TAKEN_AT, timezone="UTC", end_offset=1
+)
 
 Logger = logging.Logger | logging.LoggerAdapter | DagsterLogManager
 

@@ -9,7 +9,7 @@ Timestamp policy (cases.md #31, #34): RFC 3339 only, with ``T`` and ``Z`` or an 
 (``+hh:mm`` or ``+hhmm``, at most 14 h). Naive times, a space separator, epoch numbers and leap
 seconds are rejected. Fractions are cut to whole milliseconds, the precision MongoDB stores, so
 that streaming and reclustering from storage see the same instant. A photo taken before
-2000-01-01 or more than one day after the message's own Kafka timestamp is rejected.
+``EARLIEST_TAKEN_AT`` or more than one day after the message's own Kafka timestamp is rejected.
 
 The Kafka timestamp itself orders the messages about one photo (``store/photos.py``), so a
 producer-set one (CreateTime) more than ``MAX_PUBLISH_SKEW`` after the moment the run read the
@@ -33,6 +33,11 @@ from jsonschema.exceptions import best_match
 from snapmap_pipeline.contract.storage_url import StorageUrlError, StorageUrlPolicy
 
 MAX_MESSAGE_BYTES = 64 * 1024
+# The earliest takenAt accepted: older times are epoch numbers read with the wrong unit or unset
+# clocks (cases.md #34), while photos of the 2000s (early digital cameras, old albums uploaded
+# today) are real. It is also the first day of the daily_events partitions (assets/backfill.py),
+# so every accepted photo's day can be backfilled from the UI. The schema's timestamp
+# description states it for producers.
 EARLIEST_TAKEN_AT = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_FUTURE_SKEW = timedelta(days=1)
 # Producer clocks ahead of the pipeline's by more than this are broken, not skewed (Kafka 4.0
@@ -126,7 +131,10 @@ def parse_timestamp(text: str, reference: datetime | None = None) -> datetime:
         raise InvalidUpload("bad_timestamp", f"timestamp {text[:40]!r} is out of range") from None
 
     if taken_at < EARLIEST_TAKEN_AT:
-        raise InvalidUpload("timestamp_out_of_range", f"timestamp {text} is before 2000-01-01")
+        raise InvalidUpload(
+            "timestamp_out_of_range",
+            f"timestamp {text} is before {EARLIEST_TAKEN_AT.date().isoformat()}",
+        )
     if reference is not None and taken_at > reference + MAX_FUTURE_SKEW:
         raise InvalidUpload(
             "timestamp_out_of_range",

@@ -11,6 +11,7 @@ from jsonschema import Draft202012Validator
 
 from snapmap_pipeline.contract.storage_url import StorageUrlError, StorageUrlPolicy
 from snapmap_pipeline.contract.validation import (
+    EARLIEST_TAKEN_AT,
     MAX_PUBLISH_SKEW,
     InvalidUpload,
     check_publish_time,
@@ -244,3 +245,10 @@ def test_schema_file_is_valid_and_agrees_on_a_good_message():
     Draft202012Validator.check_schema(schema())
     assert Draft202012Validator(schema()).is_valid(GOOD)
     assert not Draft202012Validator(schema()).is_valid(GOOD | {"location": [190, 0]})
+
+
+def test_schema_states_the_validators_earliest_timestamp():
+    """Producers read the schema, not the validator: its timestamp description names the
+    bound the validator enforces (``EARLIEST_TAKEN_AT``, also the first daily partition)."""
+    description = schema()["properties"]["timestamp"]["description"]
+    assert EARLIEST_TAKEN_AT.strftime("%Y-%m-%dT%H:%M:%SZ") in description

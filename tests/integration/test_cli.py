@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+from datetime import timedelta
 
 import pytest
 from dagster import instance_for_test
 from pymongo import MongoClient
 
 from snapmap_pipeline.cli import merge_ranges, uncovered
+from snapmap_pipeline.contract.validation import EARLIEST_TAKEN_AT
 from snapmap_pipeline.definitions import build_definitions
 from snapmap_pipeline.jobs import INGEST_JOB_NAME
 from snapmap_pipeline.resources.kafka import OffsetRange
@@ -75,6 +77,11 @@ def test_recluster_command_usage_and_configuration_errors_exit_2(mongo):
     assert backwards.returncode == 2
     assert "--to is before --from" in backwards.stderr
     assert snapmap(["recluster", "--from", "June 5th", "--to", "2026-06-05"], env).returncode == 2
+    first = EARLIEST_TAKEN_AT.date()
+    too_early = ["recluster", "--from", str(first - timedelta(days=1)), "--to", str(first)]
+    before_first = snapmap(too_early, env)
+    assert before_first.returncode == 2
+    assert f"is before {first}, the first day" in before_first.stderr
     assert snapmap(["frobnicate"], env).returncode == 2
 
     no_uri = {k: v for k, v in env.items() if k != "MONGODB_URI"}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from azure.core.exceptions import ResourceExistsError
@@ -11,6 +11,7 @@ from dagster import AssetCheckSeverity, DefaultScheduleStatus, instance_for_test
 
 from snapmap_pipeline.assets.backfill import DAILY_PARTITIONS
 from snapmap_pipeline.clustering import ClusterParams
+from snapmap_pipeline.contract.validation import EARLIEST_TAKEN_AT, InvalidUpload, parse_timestamp
 from snapmap_pipeline.definitions import build_definitions, production_resources
 from snapmap_pipeline.jobs import INGEST_JOB_NAME, RECLUSTER_JOB_NAME, SWEEPER_JOB_NAME
 from snapmap_pipeline.resources.blob import BlobStorageResource
@@ -369,3 +370,29 @@ def test_partitions_are_utc_days_across_the_dst_change(resources, mongo):
     assignment = photo_events(db)
     assert assignment["berlin-1"] is not None
     assert assignment["berlin-2"] is None
+
+
+def test_every_day_a_valid_photo_can_be_taken_is_a_partition(resources, mongo):
+    """The upload contract and ``daily_events`` share their first day: a photo taken at the
+    contract's earliest instant is valid and its day is the first partition, the instant
+    before it is rejected, and days of the 2000s are backfilled from Dagster like any other."""
+    first_day = EARLIEST_TAKEN_AT.date().isoformat()
+    assert parse_timestamp(f"{first_day}T00:00:00Z") == EARLIEST_TAKEN_AT
+    with pytest.raises(InvalidUpload, match="timestamp_out_of_range"):
+        parse_timestamp((EARLIEST_TAKEN_AT - timedelta(milliseconds=1)).isoformat())
+    first_window = DAILY_PARTITIONS.get_first_partition_window()
+    assert first_window is not None and first_window.start == EARLIEST_TAKEN_AT
+
+    db = mongo.db()
+    db.photos.insert_many(
+        [
+            backend_photo("first-day", f"{first_day}T00:00:00Z", -73.9857, 40.7484),
+            backend_photo("mid-2000s-1", "2005-06-01T18:00:00Z", -73.9857, 40.7484),
+            backend_photo("mid-2000s-2", "2005-06-01T18:02:00Z", -73.9858, 40.7484),
+        ]
+    )
+    with instance_for_test() as instance:
+        backfill(instance, resources, [first_day, "2005-06-01"])
+    assignment = photo_events(db)
+    assert assignment["first-day"] is not None
+    assert assignment["mid-2000s-1"] == assignment["mid-2000s-2"] is not None
