@@ -9,7 +9,8 @@ Timestamp policy (cases.md #31, #34): RFC 3339 only, with ``T`` and ``Z`` or an 
 (``+hh:mm`` or ``+hhmm``, at most 14 h). Naive times, a space separator, epoch numbers and leap
 seconds are rejected. Fractions are cut to whole milliseconds, the precision MongoDB stores, so
 that streaming and reclustering from storage see the same instant. A photo taken before
-``EARLIEST_TAKEN_AT`` or more than one day after the message's own Kafka timestamp is rejected.
+``EARLIEST_TAKEN_AT`` or more than one day after the message's own Kafka timestamp is rejected
+(``timestamp_out_of_range``; the reason names the bound and the times it compared).
 
 The Kafka timestamp itself orders the messages about one photo (``store/photos.py``), so a
 producer-set one (CreateTime) more than ``MAX_PUBLISH_SKEW`` after the moment the run read the
@@ -130,17 +131,32 @@ def parse_timestamp(text: str, reference: datetime | None = None) -> datetime:
     except OverflowError:
         raise InvalidUpload("bad_timestamp", f"timestamp {text[:40]!r} is out of range") from None
 
+    # The reasons name the bound that failed and what it was computed from: a producer whose
+    # clock is behind stamps every message too early, and only the Kafka timestamp in the
+    # reason tells that apart from a photo whose own time is wrong.
+    photo = text if text.endswith("Z") else f"{text} ({_instant(taken_at)})"
     if taken_at < EARLIEST_TAKEN_AT:
         raise InvalidUpload(
             "timestamp_out_of_range",
-            f"timestamp {text} is before {EARLIEST_TAKEN_AT.date().isoformat()}",
+            f"timestamp {photo} is before the lower bound {_instant(EARLIEST_TAKEN_AT)}, the "
+            "earliest time a photo is accepted",
         )
     if reference is not None and taken_at > reference + MAX_FUTURE_SKEW:
+        ahead = str(timedelta(seconds=int((taken_at - reference).total_seconds())))
         raise InvalidUpload(
             "timestamp_out_of_range",
-            f"timestamp {text} is more than a day after the message was published",
+            f"timestamp {photo} is more than a day after the message's Kafka timestamp "
+            f"{_instant(reference)} ({ahead.replace(',', '')} after; upper bound "
+            f"{_instant(reference + MAX_FUTURE_SKEW)}); if the photo's time is right, the "
+            "producer's clock is behind",
         )
     return taken_at
+
+
+def _instant(moment: datetime) -> str:
+    """An aware time as RFC 3339 UTC with ``Z``, milliseconds only when it has some."""
+    spec = "milliseconds" if moment.microsecond else "seconds"
+    return moment.astimezone(UTC).isoformat(timespec=spec).replace("+00:00", "Z")
 
 
 def check_publish_time(published_at: datetime | None, read_at: datetime) -> None:

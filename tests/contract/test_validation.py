@@ -197,6 +197,39 @@ def test_future_guard_is_relative_to_the_message_not_the_wall_clock():
         parse_timestamp("2019-05-03T00:00:01Z", old_publish)
 
 
+def test_a_producer_clock_behind_is_named_in_the_reason():
+    """A producer whose clock is a month behind stamps each message a month before its photo.
+    The code stays ``timestamp_out_of_range``; the reason names the bound that failed, the
+    photo's time and the Kafka timestamp the bound comes from, so the dead letter alone points
+    at the producer's clock."""
+    behind = PUBLISHED - timedelta(days=31)
+    with pytest.raises(InvalidUpload) as rejected:
+        validate_upload(message(timestamp="2026-01-17T14:20:00+01:00"), POLICY, behind)
+    assert rejected.value.code == "timestamp_out_of_range"
+    reason = rejected.value.reason
+    assert reason == (
+        "timestamp 2026-01-17T14:20:00+01:00 (2026-01-17T13:20:00Z) is more than a day after the "
+        "message's Kafka timestamp 2025-12-17T13:25:00Z (30 days 23:55:00 after; upper bound "
+        "2025-12-18T13:25:00Z); if the photo's time is right, the producer's clock is behind"
+    )
+    longest = "2026-01-17T14:20:00.123456789+01:00"
+    with pytest.raises(InvalidUpload) as rejected:
+        validate_upload(message(timestamp=longest), POLICY, behind - timedelta(milliseconds=1))
+    assert len(rejected.value.reason) < 300
+
+
+def test_a_photo_before_the_earliest_names_the_lower_bound():
+    """Written with an offset, 1999-12-31T23:00Z reads as 2000: the reason gives the UTC
+    instant beside the text, and names the lower bound."""
+    with pytest.raises(InvalidUpload) as rejected:
+        validate_upload(message(timestamp="2000-01-01T01:00:00+02:00"), POLICY, PUBLISHED)
+    assert rejected.value.code == "timestamp_out_of_range"
+    assert rejected.value.reason == (
+        "timestamp 2000-01-01T01:00:00+02:00 (1999-12-31T23:00:00Z) is before the lower bound "
+        "2000-01-01T00:00:00Z, the earliest time a photo is accepted"
+    )
+
+
 def test_a_publish_time_within_the_skew_of_the_read_is_trusted():
     read_at = datetime(2026, 5, 1, 13, 0, tzinfo=UTC)
     check_publish_time(read_at + MAX_PUBLISH_SKEW, read_at)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from dagster import instance_for_test
@@ -87,6 +88,35 @@ def test_each_malformed_kind_is_dead_lettered_with_reason_and_bytes(
     assert db.photos.count_documents({}) == 3
     assert db.events.count_documents({}) == 1
     assert committed(kafka, settings.uploads_topic) == {0: len(MALFORMED) + 3}
+
+
+def test_a_producer_clock_behind_is_recognisable_on_the_dead_letter_topic(
+    resources, settings, kafka, mongo
+):
+    """A producer whose clock is a month behind: its message's Kafka timestamp (CreateTime) is
+    a month before the photo's time. The dead letter keeps the stable code, and its reason
+    header names the Kafka timestamp, the photo's time and the upper bound that failed."""
+    taken_at = datetime(2026, 1, 17, 13, 20, tzinfo=UTC)
+    stamped = taken_at - timedelta(days=31)
+    with kafka.producer() as producer:
+        producer.produce(
+            settings.uploads_topic,
+            value=upload("clock-behind", "2026-01-17T13:20:00Z", 81.77, 25.43),
+            partition=0,
+            timestamp=int(stamped.timestamp() * 1000),
+        )
+    with instance_for_test() as instance:
+        Harness(instance, resources).drain()
+
+    (letter,) = read_all(kafka, settings.dead_letter_topic)
+    headers = dict(letter.headers())
+    assert headers["snapmap.error.code"] == b"timestamp_out_of_range"
+    reason = headers["snapmap.error.reason"].decode()
+    assert reason.startswith(
+        "timestamp 2026-01-17T13:20:00Z is more than a day after the message's Kafka timestamp "
+        "2025-12-17T13:20:00Z (31 days 0:00:00 after; upper bound 2025-12-18T13:20:00Z)"
+    )
+    assert mongo.db().photos.count_documents({}) == 0
 
 
 def test_rerun_does_not_send_dead_letters_twice(resources, settings, kafka, mongo):
