@@ -6,9 +6,9 @@
 ``events``: ``_id`` = eventId; GeoJSON ``centroid``; ``endAt``; ``version``/``publishedVersion``
 (the outbox of event-updates); ``manifestPending``/``manifestSha256`` (the outbox of manifests).
 ``pending_links``: photo-to-event decisions not yet applied to ``photos`` (the link step's
-queue). ``leases``: the clustering lease. ``batches``: what each offset range ended as (the
-offset accounting). ``migrations``: one-time data changes already done, by ``_id`` (see
-``store/batches.py::stamp_legacy_batches``).
+queue), by ``token`` and by ``eventId``. ``leases``: the clustering lease. ``batches``: what
+each offset range ended as (the offset accounting). ``migrations``: one-time data changes
+already done, by ``_id`` (see ``store/batches.py::stamp_legacy_batches``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,11 @@ _INDEXES: dict[str, list[list[tuple[str, object]]]] = {
         [("publishPending", ASCENDING)],
         [("manifestPending", ASCENDING)],
     ],
-    "pending_links": [[("token", ASCENDING)]],
+    "pending_links": [
+        [("token", ASCENDING)],
+        # The queued links of given events (``store/events.py::photos_linked_to``).
+        [("eventId", ASCENDING)],
+    ],
     "batches": [[("topic", ASCENDING), ("partition", ASCENDING), ("first", ASCENDING)]],
 }
 _GEO_INDEXES = {"photos": "location", "events": "centroid"}

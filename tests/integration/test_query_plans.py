@@ -46,7 +46,13 @@ from snapmap_pipeline.clustering import (
     closure,
     link_reach_m,
 )
-from snapmap_pipeline.store.events import apply_pending_links, effective_links, event_fields
+from snapmap_pipeline.store.events import (
+    apply_pending_links,
+    effective_links,
+    event_fields,
+    photos_linked_to,
+    queue_links,
+)
 from snapmap_pipeline.store.geocell import cell_of, cells_near
 from snapmap_pipeline.store.recluster import ReclusterReport, recluster
 from snapmap_pipeline.store.schema import ensure_schema
@@ -768,3 +774,29 @@ def test_the_plan_check_refuses_unindexed_reads_and_a_missing_index(mongo):
     finally:
         mon.close()
     assert found and all("no index leads with ['cell', 'takenAt']" in p for p in found), found
+
+
+def test_the_photos_an_event_holds_are_read_by_index(mongo, record_property):
+    """``photos_linked_to`` (retiring emptied events, releasing dead-lettered photos) finds an
+    event's photos by ``eventId`` in ``photos`` and in the queued ``pending_links``: every read
+    it makes leads with an indexed field, and the answer counts both kinds of link."""
+    with mongo.session_db() as db:
+        photos = [
+            photo_doc(f"p{i}", T0 + timedelta(minutes=i), 81.83 + i * 1e-4, 25.44) for i in range(6)
+        ]
+        for doc in photos[:3]:
+            doc["eventId"] = "ev-a"
+        db.photos.insert_many(photos)
+        # p0 moves to ev-b by a queued decision; p3 and p4 are linked only by theirs.
+        queue_links(db, {"p0": "ev-b", "p3": "ev-a", "p4": "ev-b"}, token=7)
+
+    mon = monitored(mongo.uri, mongo.database)
+    try:
+        held = photos_linked_to(mon.db, ["ev-a", "ev-b", "ev-none"])
+        plain = mon.plain[mongo.database]
+        assert {c.collection for c in mon.log.reads()} == {"photos", "pending_links"}
+        assert command_problems(plain, mon.log) == []
+        record_property("explain", explain_path(plain, mon.log.reads()))
+    finally:
+        mon.close()
+    assert held == {"ev-a": ["p1", "p2", "p3"], "ev-b": ["p0", "p4"]}
