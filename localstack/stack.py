@@ -1426,6 +1426,23 @@ def format_env(cfg: Config) -> str:
     )
 
 
+NO_EXPORT_LINES = "standard output is closed; the export lines were not written"
+
+
+def write_env(cfg: Config) -> None:
+    """Write ``format_env``'s lines to standard output, flushed. A caller evaluates them, so
+    output that cannot be written (the descriptor closed, the reader gone) is a ``StackError``:
+    the caller must not carry on with its shell's own settings."""
+    try:
+        sys.stdout.write(format_env(cfg) + "\n")
+        sys.stdout.flush()
+    except OSError:
+        # The lines stay in the buffer: pointing the descriptor at /dev/null keeps Python's
+        # flush at exit from failing again and turning the exit status to 120.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise StackError(NO_EXPORT_LINES) from None
+
+
 def describe_env(cfg: Config) -> str:
     """One line for a person: the stack folder and the server addresses that ``format_env``'s
     settings point at, saying so when they are the defaults (a shell without SNAPMAP_STACK_DIR
@@ -1555,6 +1572,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "env":
             # With standard error closed (sys.stderr None, or a write that fails), the line
             # for a person is left out: the export lines are what the caller evaluates.
+            if sys.stdout is None:
+                raise StackError(NO_EXPORT_LINES)
             if args.where and sys.stderr is not None:
                 try:
                     print(describe_env(cfg), file=sys.stderr, flush=True)
@@ -1562,7 +1581,7 @@ def main(argv: list[str] | None = None) -> int:
                     # The unwritten line stays in the buffer; dropping the stream keeps
                     # Python's flush at exit from failing and turning the exit status to 120.
                     sys.stderr = None
-            print(format_env(cfg))
+            write_env(cfg)
             return 0
         if args.command == "logs":
             return cmd_logs(cfg, args.name, args.lines, args.follow)

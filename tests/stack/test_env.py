@@ -140,3 +140,30 @@ def test_a_shell_without_stderr_still_gets_the_settings():
         timeout=60,
     )
     assert (done.returncode, done.stdout) == (0, "127.0.0.1:29092\n"), done.stderr
+
+
+def stack_env_with_stdout(stdout: str) -> subprocess.CompletedProcess:
+    """``stack.py env --where`` run by bash with its standard output ``closed`` (``>&-``) or
+    a pipe whose reader has ``gone``; prints the exit status bash saw."""
+    stack = f"{sys.executable} localstack/stack.py env --where"
+    script = {
+        "closed": f"{stack} >&-; echo $?",
+        # Descriptor 3 is a pipe whose reader (a process substitution) has already exited.
+        "gone": f"exec 3> >(exit 0); sleep 1; {stack} >&3; echo $?",
+    }[stdout]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **PORTS}
+    return subprocess.run(
+        ["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize("stdout", ["closed", "gone"])
+def test_env_fails_when_its_export_lines_cannot_be_written(stdout):
+    """A caller that evaluates the output would get no settings and carry on with whatever
+    its shell had: a closed standard output, or a reader that went away, is an error exit
+    with a line on stderr, never 0."""
+    done = stack_env_with_stdout(stdout)
+    assert done.stdout.strip() == "1", done.stderr
+    assert done.stderr.endswith(
+        "stack: error: standard output is closed; the export lines were not written\n"
+    ), done.stderr
