@@ -144,8 +144,13 @@ class Config:
 
 def _port(env: dict[str, str], name: str, default: int) -> int:
     raw = env.get(name)
-    if not raw:
+    if raw is None:
         return default
+    if raw == "":
+        # Most likely a broken env file: the default port may be another stack's server.
+        raise StackError(
+            f"{name} is set but empty; unset it to use the default port, or set a port"
+        )
     if not raw.isdigit() or not 1 <= int(raw) <= 65535:
         raise StackError(f"{name}={raw!r} is not a TCP port number")
     port = int(raw)

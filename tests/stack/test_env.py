@@ -167,3 +167,28 @@ def test_env_fails_when_its_export_lines_cannot_be_written(stdout):
     assert done.stderr.endswith(
         "stack: error: standard output is closed; the export lines were not written\n"
     ), done.stderr
+
+
+@pytest.mark.parametrize("variable", sorted(PORTS))
+def test_a_port_set_but_empty_is_an_error_naming_it(tmp_path, variable):
+    """An empty port most likely comes from a broken env file: falling back to the default
+    port could send this shell's traffic to another stack's server."""
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "SNAPMAP_STACK_DIR": str(tmp_path),
+        **PORTS,
+        variable: "",
+    }
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "localstack" / "stack.py"), "env", "--where"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr == (
+        f"stack: error: {variable} is set but empty; unset it to use the default port, "
+        "or set a port\n"
+    )
