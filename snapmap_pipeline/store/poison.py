@@ -9,6 +9,19 @@ is marked ``deadLettered`` and left out of every later closure.
 A dead-lettered photo holds no event: if an earlier message of it had been applied, it is
 released from that event (:func:`release_dead_lettered`), whose other photos are reclustered
 without it; an event left with no photos is retired (photoCount 0, no ``mergedInto``).
+
+Attempts count failures since the photo last succeeded. A step *succeeds* for its seed photos
+when it returns: under one hold of the clustering lease it loaded them (those not
+dead-lettered), wrote their events and queued their link decisions. Each successful step then
+deletes the attempt records of its seeds, in one ``$in`` per :data:`IDS_PER_QUERY` seeds (one
+query for a micro-batch), except the records that must stay: a record marked ``deadLettered``
+(its photo is dead-lettered; the sweeper finds the photos still linked to an event by these
+records) and a record at the limit (its photo is being dead-lettered by the run that reached
+it, and not marked yet, or it was dead-lettered before records were marked). The deletion is
+not under the lease: a run whose step succeeded can delete an attempt another run counted
+just after, for the photo's newer message; that only postpones the photo's dead letter by
+one count, and it cannot delete a record at the limit, so a photo is never dead-lettered
+without its record. The record is marked under the lease, before the photo is.
 """
 
 from __future__ import annotations
@@ -31,6 +44,9 @@ from snapmap_pipeline.store.lease import LeaseTimeout, clustering_lease
 from snapmap_pipeline.store.recluster import ReclusterReport
 
 log = logging.getLogger(__name__)
+
+#: The most ids one query of this module names in an ``$in``.
+IDS_PER_QUERY = 5000
 
 # Outages and races: retried as a whole (by the run's retry policy), never blamed on a photo.
 TRANSIENT = (ConnectionFailure, KafkaUnavailable, LeaseTimeout, WriteConflict)
@@ -74,7 +90,7 @@ def _bisect(
     """Run ``step`` over ``seed_ids``, bisecting around photos that make it fail; the ids
     dead-lettered are appended to ``poisoned``."""
     try:
-        return step(seed_ids)
+        report = step(seed_ids)
     except TRANSIENT:
         raise
     except Exception as error:  # noqa: BLE001 - any other failure may be one photo's fault
@@ -82,6 +98,9 @@ def _bisect(
             poisoned += _count_attempt(db, seed_ids[0], error, dead_letter, max_attempts)
             return ReclusterReport()
         log.warning("recluster of %d photos failed (%s); bisecting", len(seed_ids), error)
+    else:
+        _clear_attempts(db, seed_ids, max_attempts)
+        return report
     middle = len(seed_ids) // 2
     report = ReclusterReport()
     failures: list[Exception] = []
@@ -95,6 +114,20 @@ def _bisect(
     if failures:
         raise failures[0]
     return report
+
+
+def _clear_attempts(db: Database, photo_ids: Sequence[str], max_attempts: int) -> None:
+    """Delete the attempt records of photos whose step succeeded, but those of dead-lettered
+    photos and those at the limit (see the module docstring)."""
+    ids = sorted(set(photo_ids))
+    for start in range(0, len(ids), IDS_PER_QUERY):
+        db.poison_attempts.delete_many(
+            {
+                "_id": {"$in": ids[start : start + IDS_PER_QUERY]},
+                "attempts": {"$lt": max_attempts},
+                "deadLettered": {"$ne": True},
+            }
+        )
 
 
 def _count_attempt(
@@ -138,6 +171,14 @@ def _count_attempt(
     # lease, like upsert_uploads' read and write, so a newer message is stored either before
     # the mark (which then fails) or after it (and clears it).
     with clustering_lease(db):
+        # The record first, kept by every later success: it is how the sweeper finds the
+        # photo. An upsert, and the attempts kept, should a run with a higher limit have
+        # deleted the record after its own success.
+        db.poison_attempts.update_one(
+            {"_id": photo_id},
+            {"$set": {"deadLettered": True}, "$max": {"attempts": record["attempts"]}},
+            upsert=True,
+        )
         marked = db.photos.update_one(
             {"_id": photo_id, "sourceVersion": photo.get("sourceVersion")},
             {"$set": {"deadLettered": True}},

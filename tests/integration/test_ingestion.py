@@ -177,6 +177,72 @@ def test_poison_photo_is_isolated_then_dead_lettered(resources, settings, kafka,
     assert db.photos.find_one({"_id": "crowd-07"})["deadLettered"] is True
 
 
+def test_a_photo_that_succeeds_starts_its_attempt_count_afresh(kafka, mongo, settings):
+    """A photo that failed twice for unrelated reasons, weeks apart, each time processed
+    successfully afterwards: its next single failure is the first of a new count, not the one
+    that dead-letters it. A record at the limit stays through a success: it belongs to a photo
+    being dead-lettered by the run that reached the limit, and the sweeper finds the
+    dead-lettered photos still linked to an event by their records."""
+    from tests.integration.sweeper_data import backend_photo
+
+    db = mongo.db()
+    walk = [
+        backend_photo(f"walk-{i}", f"2026-03-02T10:0{i}:00Z", 4.3500 + i * 0.0001, 50.85)
+        for i in range(4)
+    ]
+    db.photos.insert_many(walk)
+    ids = [p["_id"] for p in walk]
+    failing: set[str] = set()
+
+    def step(seed):
+        if broken := sorted(failing & set(seed)):
+            raise ValueError(f"cannot cluster {', '.join(broken)}")
+        return recluster(db, seed, ClusterParams())
+
+    def dead_letter(letters):
+        return send_dead_letters(db, kafka, settings.dead_letter_topic, letters)
+
+    for _ in range(2):  # a failure, then a run in which the photo's step completes
+        failing.add("walk-2")
+        with pytest.raises(ValueError, match="walk-2"):
+            recluster_isolating_poison(db, ids, step, dead_letter, max_attempts=3)
+        assert db.poison_attempts.find_one({"_id": "walk-2"})["attempts"] == 1
+        failing.clear()
+        recluster_isolating_poison(db, ids, step, dead_letter, max_attempts=3)
+        assert db.poison_attempts.find_one({"_id": "walk-2"}) is None, "cleared by the success"
+
+    failing.add("walk-2")
+    with pytest.raises(ValueError, match="walk-2"):
+        recluster_isolating_poison(db, ids, step, dead_letter, max_attempts=3)
+    assert db.poison_attempts.find_one({"_id": "walk-2"})["attempts"] == 1
+    assert not db.photos.find_one({"_id": "walk-2"}).get("deadLettered")
+
+    # Another run's step completes for walk-3 after this run's attempt reached the limit and
+    # before this run marked the photo: the record stays, and the photo ends dead-lettered.
+    failing = {"walk-3"}
+
+    def another_run_succeeds_meanwhile(letters):
+        recluster_isolating_poison(db, ["walk-3"], fail_on_nothing, dead_letter, 3)
+        return dead_letter(letters)
+
+    def fail_on_nothing(seed):
+        return recluster(db, seed, ClusterParams())
+
+    _, poisoned = recluster_isolating_poison(
+        db, ["walk-3"], step, another_run_succeeds_meanwhile, max_attempts=1
+    )
+    assert poisoned == ["walk-3"]
+    record = db.poison_attempts.find_one({"_id": "walk-3"})
+    assert (record["attempts"], record["deadLettered"]) == (1, True)
+
+    # A replay of its message puts the dead-lettered photo in a step that completes (the
+    # closure leaves it out): its record stays too.
+    failing.clear()
+    recluster_isolating_poison(db, ids, step, dead_letter, max_attempts=3)
+    assert db.poison_attempts.find_one({"_id": "walk-3"})["attempts"] == 1
+    assert db.photos.find_one({"_id": "walk-3"})["deadLettered"] is True
+
+
 def test_original_bytes_are_not_taken_from_a_topic_created_again(settings, kafka):
     """A poison letter's source offset is read back only from the topic it came from: after
     the topic was deleted and created again, that offset holds another message."""
