@@ -47,6 +47,7 @@ from snapmap_pipeline.store.lease import clustering_lease
 from snapmap_pipeline.store.photos import orphan_ids
 from snapmap_pipeline.store.poison import (
     TRANSIENT,
+    attempt_record_pages,
     recluster_isolating_poison,
     release_dead_lettered,
 )
@@ -103,17 +104,22 @@ def sweep_orphans(
 
     cutoff = now - timedelta(minutes=settings.orphan_grace_minutes)
     sweep = Sweep(found=db.photos.count_documents(orphan_filter(cutoff)))
-    poisoned_ever = [d["_id"] for d in db.poison_attempts.find({}, {"_id": 1})]
     release_failure: Exception | None = None
+    released: list[str] = []
+    retired: list[str] = []
     try:
-        released, retired = release_dead_lettered(db, poisoned_ever, step)
+        # Every photo ever dead-lettered keeps its attempt record: read a page at a time.
+        for page in attempt_record_pages(db):
+            page_released, page_retired = release_dead_lettered(db, page, step)
+            released += page_released
+            retired += page_retired
     except TRANSIENT:
         raise
     except Exception as error:  # noqa: BLE001 - raised once the orphans are healed
         # A partner whose recluster fails must not stop the orphans' healing, which reclusters
         # other photos; the photos stay linked (their events' counts show it) and the failure
         # fails the check after the healing.
-        released, retired, release_failure = [], [], error
+        release_failure = error
     sweep.released, sweep.retired = len(released), len(retired)
     sweep.swept = orphan_ids(db, cutoff, settings.sweep_limit)
 

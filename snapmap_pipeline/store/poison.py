@@ -27,7 +27,7 @@ without its record. The record is marked under the lease, before the photo is.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from pymongo import ReturnDocument
 from pymongo.database import Database
@@ -45,8 +45,12 @@ from snapmap_pipeline.store.recluster import ReclusterReport
 
 log = logging.getLogger(__name__)
 
-#: The most ids one query of this module names in an ``$in``.
+#: The most ids one query of this module names in an ``$in``, and the attempt records one page
+#: of :func:`attempt_record_pages` holds.
 IDS_PER_QUERY = 5000
+# A photo to release may hold two events (its stored link and a queued one): this many photos
+# at a time keep the events' ids within IDS_PER_QUERY too.
+_RELEASED_PER_ROUND = IDS_PER_QUERY // 2
 
 # Outages and races: retried as a whole (by the run's retry policy), never blamed on a photo.
 TRANSIENT = (ConnectionFailure, KafkaUnavailable, LeaseTimeout, WriteConflict)
@@ -198,6 +202,22 @@ def _count_attempt(
     return [photo_id]
 
 
+def attempt_record_pages(db: Database) -> Iterator[list[str]]:
+    """The ids of every ``poison_attempts`` record, in id order, at most :data:`IDS_PER_QUERY`
+    per page (one bounded read each, resuming after the last id read). The records of
+    dead-lettered photos are never deleted, so the whole list grows without bound."""
+    after: str | None = None
+    while True:
+        query = {} if after is None else {"_id": {"$gt": after}}
+        cursor = db.poison_attempts.find(query, {"_id": 1}).sort("_id", 1).limit(IDS_PER_QUERY)
+        page = [doc["_id"] for doc in cursor]
+        if page:
+            yield page
+        if len(page) < IDS_PER_QUERY:
+            return
+        after = page[-1]
+
+
 def release_dead_lettered(
     db: Database, photo_ids: Sequence[str], step: Callable[[Sequence[str]], ReclusterReport]
 ) -> tuple[list[str], list[str]]:
@@ -208,8 +228,23 @@ def release_dead_lettered(
     come). Then, under the clustering lease, the events no photo links to any more are retired
     and the photos' queued link decisions and ``eventId`` are removed, in that order. A crash
     anywhere before the last write leaves the photos linked, and the next call (the sweeper's)
-    does it again: every part is idempotent. Returns (photos released, events retired)."""
-    query = {"_id": {"$in": list(photo_ids)}, "deadLettered": True}
+    does it again: every part is idempotent. ``photo_ids`` are taken a bounded number at a
+    time, so no query names more than :data:`IDS_PER_QUERY` of them. Returns (photos
+    released, events retired)."""
+    released: list[str] = []
+    retired: list[str] = []
+    ids = sorted(set(photo_ids))
+    for start in range(0, len(ids), _RELEASED_PER_ROUND):
+        some_released, some_retired = _release(db, ids[start : start + _RELEASED_PER_ROUND], step)
+        released += some_released
+        retired += some_retired
+    return released, retired
+
+
+def _release(
+    db: Database, photo_ids: list[str], step: Callable[[Sequence[str]], ReclusterReport]
+) -> tuple[list[str], list[str]]:
+    query = {"_id": {"$in": photo_ids}, "deadLettered": True}
     dead = {doc["_id"]: doc.get("eventId") for doc in db.photos.find(query, {"eventId": 1})}
     queued = {
         doc["_id"]: doc["eventId"]

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import random
+from datetime import UTC, datetime
 
 import pytest
 from dagster import instance_for_test
+from pymongo import MongoClient, monitoring
 from pymongo.collection import Collection
 from pymongo.errors import AutoReconnect
 
@@ -25,6 +27,7 @@ from snapmap_pipeline.store.outbox import manifest, publish_pending, write_pendi
 from snapmap_pipeline.store.photos import to_point, upsert_uploads
 from snapmap_pipeline.store.poison import recluster_isolating_poison
 from snapmap_pipeline.store.recluster import recluster
+from tests.conftest import stack_setting
 from tests.faults.conftest import assert_end_state, read_all
 from tests.integration.pipeline import Harness, photo_events, publish, upload
 from tests.integration.sweeper_data import at, backend_photo, backfill, evaluations
@@ -331,6 +334,72 @@ def test_a_release_that_fails_does_not_stop_the_sweep_healing_orphans(
     assert sweep(resources)["orphan_photos"].metadata["dead_lettered_released"].value == 1
     assert photo_events(db)["c-second"] is None
     assert live_counts(db) == canonical_counts(db)
+
+
+class InLists(monitoring.CommandListener):
+    """The longest ``$in`` list in any command a client sends, and its reads of
+    ``poison_attempts`` with no limit or a limit above ``poison.IDS_PER_QUERY``."""
+
+    def __init__(self) -> None:
+        self.longest = 0
+        self.unbounded_pages: list[dict] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        body = dict(event.command)
+        self._walk(body)
+        if event.command_name == "find" and body.get("find") == "poison_attempts":
+            if not 0 < body.get("limit", 0) <= poison.IDS_PER_QUERY:
+                self.unbounded_pages.append(body)
+
+    def _walk(self, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key == "$in" and isinstance(item, list):
+                    self.longest = max(self.longest, len(item))
+                self._walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                self._walk(item)
+
+    def succeeded(self, event) -> None:
+        pass
+
+    def failed(self, event) -> None:
+        pass
+
+
+def test_the_sweeper_reads_a_backlog_of_attempt_records_in_bounded_pages(
+    mongo, kafka, blob, settings
+):
+    """Every photo ever dead-lettered keeps its attempt record, so the sweeper's list of them
+    grows without bound: it is read a page at a time, and no query names more than
+    ``poison.IDS_PER_QUERY`` ids, while a photo past the first page is still released."""
+    db = mongo.db()
+    clustered(db, [LUNCH, SECOND])
+    shared = photo_events(db)["a-lunch"]
+    backlog = [f"0-gone-{i:05d}" for i in range(poison.IDS_PER_QUERY + 10)]  # released long ago
+    db.photos.insert_many([{"_id": i, "eventId": None, "deadLettered": True} for i in backlog])
+    db.poison_attempts.insert_many([{"_id": i, "attempts": 3} for i in backlog])
+    db.photos.update_one({"_id": "c-second"}, {"$set": {"deadLettered": True}})  # left linked
+    db.poison_attempts.insert_one({"_id": "c-second", "attempts": 3, "deadLettered": True})
+
+    commands = InLists()
+    client = MongoClient(
+        stack_setting("MONGODB_URI"), event_listeners=[commands], w=1, tz_aware=True
+    )
+    try:
+        done = sweeper.sweep_orphans(
+            client[mongo.database], kafka, blob, settings, datetime.now(UTC)
+        )
+    finally:
+        client.close()
+
+    assert (done.released, done.retired) == (1, 0)
+    assert photo_events(db)["c-second"] is None
+    assert db.photos.find_one({"_id": "a-lunch"})["eventId"] == shared
+    assert live_counts(db) == canonical_counts(db) == {shared: 1}
+    assert 0 < commands.longest <= poison.IDS_PER_QUERY
+    assert commands.unbounded_pages == []
 
 
 def assert_canonical_links(db) -> None:
