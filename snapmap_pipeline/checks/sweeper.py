@@ -47,6 +47,7 @@ from snapmap_pipeline.store.lease import clustering_lease
 from snapmap_pipeline.store.photos import orphan_ids
 from snapmap_pipeline.store.poison import (
     TRANSIENT,
+    Release,
     attempt_record_pages,
     recluster_isolating_poison,
     release_dead_lettered,
@@ -78,6 +79,10 @@ class Sweep:
     #: Dead-lettered photos taken out of the events they still linked to, and events retired.
     released: int = 0
     retired: int = 0
+    #: Partners of those events whose recluster failed at the attempt limit (dead-lettered),
+    #: and dead-lettered photos left linked while a partner fails below the limit.
+    partners_dead_lettered: int = 0
+    release_waiting: int = 0
     dead_lettered: int = 0
     remaining: int = 0
     remaining_examples: list[str] = field(default_factory=list)
@@ -95,45 +100,47 @@ def sweep_orphans(
     """Recluster up to ``sweep_limit`` orphans older than the grace period, link and publish.
     A photo that fails again and again is dead-lettered like in a streaming run. First,
     dead-lettered photos that still link to an event (a run that stopped while releasing them)
-    are released; if that fails (not for an outage), the orphans are still healed, then the
-    failure is raised."""
+    are released; a partner of theirs whose recluster fails is isolated like a poison photo
+    (counted, dead-lettered at the limit) and the sweep goes on. If the release fails
+    otherwise (not for an outage), the orphans are still healed, then the failure is raised."""
     params = settings.cluster_params()
 
     def step(ids: Sequence[str]) -> ReclusterReport:
         return recluster(db, ids, params)
-
-    cutoff = now - timedelta(minutes=settings.orphan_grace_minutes)
-    sweep = Sweep(found=db.photos.count_documents(orphan_filter(cutoff)))
-    release_failure: Exception | None = None
-    released: list[str] = []
-    retired: list[str] = []
-    try:
-        # Every photo ever dead-lettered keeps its attempt record: read a page at a time.
-        for page in attempt_record_pages(db):
-            page_released, page_retired = release_dead_lettered(db, page, step)
-            released += page_released
-            retired += page_retired
-    except TRANSIENT:
-        raise
-    except Exception as error:  # noqa: BLE001 - raised once the orphans are healed
-        # A partner whose recluster fails must not stop the orphans' healing, which reclusters
-        # other photos; the photos stay linked (their events' counts show it) and the failure
-        # fails the check after the healing.
-        release_failure = error
-    sweep.released, sweep.retired = len(released), len(retired)
-    sweep.swept = orphan_ids(db, cutoff, settings.sweep_limit)
 
     def dead_letter(letters: list[DeadLetter]) -> int:
         return send_dead_letters(
             db, kafka, settings.dead_letter_topic, with_original_bytes(kafka, letters)
         )
 
+    cutoff = now - timedelta(minutes=settings.orphan_grace_minutes)
+    sweep = Sweep(found=db.photos.count_documents(orphan_filter(cutoff)))
+    release_failure: Exception | None = None
+    release = Release()
+    try:
+        # Every photo ever dead-lettered keeps its attempt record: read a page at a time.
+        for page in attempt_record_pages(db):
+            release.merge(
+                release_dead_lettered(db, page, step, dead_letter, settings.max_poison_attempts)
+            )
+    except TRANSIENT:
+        raise
+    except Exception as error:  # noqa: BLE001 - raised once the orphans are healed
+        # A failure no partner is blamed for must not stop the orphans' healing, which
+        # reclusters other photos; the photos stay linked (their events' counts show it) and
+        # the failure fails the check after the healing.
+        release_failure = error
+    sweep.released, sweep.retired = len(release.released), len(release.retired)
+    sweep.partners_dead_lettered = len(release.dead_lettered)
+    sweep.release_waiting = len(release.waiting)
+    sweep.swept = orphan_ids(db, cutoff, settings.sweep_limit)
+
     if sweep.swept:
         _, poisoned = recluster_isolating_poison(
             db, sweep.swept, step, dead_letter, settings.max_poison_attempts
         )
         sweep.dead_lettered = len(poisoned)
-    if sweep.swept or released:
+    if sweep.swept or release.released or release.partners:
         apply_all_links(db)
         published = publish_all(db, kafka, blob, settings.event_updates_topic)
         sweep.event_updates = published.event_updates
@@ -176,6 +183,13 @@ def orphan_photos(
         sweep.remaining,
         sweep.event_updates,
     )
+    if sweep.release_waiting:
+        context.log.warning(
+            "%d dead-lettered photos stay linked to their events while a partner fails (its "
+            "attempts are counted; it is dead-lettered at the limit); %d partners dead-lettered",
+            sweep.release_waiting,
+            sweep.partners_dead_lettered,
+        )
     if sweep.remaining:
         context.log.warning(
             "%d orphan photos remain after the sweep, e.g. %s",
@@ -192,6 +206,8 @@ def orphan_photos(
             "orphans_dead_lettered": sweep.dead_lettered,
             "dead_lettered_released": sweep.released,
             "events_retired": sweep.retired,
+            "partners_dead_lettered": sweep.partners_dead_lettered,
+            "release_waiting": sweep.release_waiting,
             "orphans_remaining": sweep.remaining,
             "event_updates_published": sweep.event_updates,
             "manifests_pending": sweep.manifests_pending,

@@ -8,7 +8,9 @@ is marked ``deadLettered`` and left out of every later closure.
 
 A dead-lettered photo holds no event: if an earlier message of it had been applied, it is
 released from that event (:func:`release_dead_lettered`), whose other photos are reclustered
-without it; an event left with no photos is retired (photoCount 0, no ``mergedInto``).
+without it; an event left with no photos is retired (photoCount 0, no ``mergedInto``). One of
+those photos whose recluster fails is isolated the same way, and the release goes on without
+it.
 
 Attempts count failures since the photo last succeeded. A step *succeeds* for its seed photos
 when it returns: under one hold of the clustering lease it loaded them (those not
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 from pymongo import ReturnDocument
 from pymongo.database import Database
@@ -70,17 +73,31 @@ def recluster_isolating_poison(
     a photo could still hold another photo of the seed that is dead-lettered later in the
     same run, and reclustering them would fail on it.
 
-    Returns the merged report and the ids dead-lettered now."""
-    poisoned: list[str] = []
+    A partner of theirs that fails the release is isolated in turn (see
+    :func:`release_dead_lettered`); the photos it holds back are left to the sweeper and the
+    run goes on: a retried run would not release them again (they are dead-lettered by then).
+
+    Returns the merged report and the ids of the seed dead-lettered now."""
+    isolation = _Isolation()
     outage = False
     try:
-        return _bisect(db, seed_ids, step, dead_letter, max_attempts, poisoned), poisoned
+        report = _bisect(db, seed_ids, step, dead_letter, max_attempts, isolation)
+        return report, isolation.poisoned
     except TRANSIENT:
         outage = True  # the retried run finds them dead-lettered; the sweeper releases them
         raise
     finally:
-        if poisoned and not outage:
-            release_dead_lettered(db, poisoned, step)
+        if isolation.poisoned and not outage:
+            release_dead_lettered(db, isolation.poisoned, step, dead_letter, max_attempts)
+
+
+@dataclass
+class _Isolation:
+    """The photos a bisection blamed: each one whose step failed alone (its attempt counted),
+    and those of them dead-lettered now (at the limit, and marked)."""
+
+    failed: list[str] = field(default_factory=list)
+    poisoned: list[str] = field(default_factory=list)
 
 
 def _bisect(
@@ -89,17 +106,18 @@ def _bisect(
     step: Callable[[Sequence[str]], ReclusterReport],
     dead_letter: Callable[[list[DeadLetter]], int],
     max_attempts: int,
-    poisoned: list[str],
+    isolation: _Isolation,
 ) -> ReclusterReport:
-    """Run ``step`` over ``seed_ids``, bisecting around photos that make it fail; the ids
-    dead-lettered are appended to ``poisoned``."""
+    """Run ``step`` over ``seed_ids``, bisecting around photos that make it fail; the photos
+    blamed are appended to ``isolation``."""
     try:
         report = step(seed_ids)
     except TRANSIENT:
         raise
     except Exception as error:  # noqa: BLE001 - any other failure may be one photo's fault
         if len(seed_ids) == 1:
-            poisoned += _count_attempt(db, seed_ids[0], error, dead_letter, max_attempts)
+            isolation.failed.append(seed_ids[0])
+            isolation.poisoned += _count_attempt(db, seed_ids[0], error, dead_letter, max_attempts)
             return ReclusterReport()
         log.warning("recluster of %d photos failed (%s); bisecting", len(seed_ids), error)
     else:
@@ -110,7 +128,7 @@ def _bisect(
     failures: list[Exception] = []
     for half in (seed_ids[:middle], seed_ids[middle:]):
         try:
-            report.merge(_bisect(db, half, step, dead_letter, max_attempts, poisoned))
+            report.merge(_bisect(db, half, step, dead_letter, max_attempts, isolation))
         except TRANSIENT:
             raise
         except Exception as error:  # noqa: BLE001 - finish the other half, then fail the run
@@ -218,61 +236,140 @@ def attempt_record_pages(db: Database) -> Iterator[list[str]]:
         after = page[-1]
 
 
+@dataclass
+class Release:
+    """What :func:`release_dead_lettered` did."""
+
+    #: Dead-lettered photos taken out of the events they linked to, and events retired.
+    released: list[str] = field(default_factory=list)
+    retired: list[str] = field(default_factory=list)
+    #: Partners whose recluster failed at the attempt limit: dead-lettered, and released too
+    #: unless they wait.
+    dead_lettered: list[str] = field(default_factory=list)
+    #: Dead-lettered photos left linked because a partner of their event failed below the
+    #: attempt limit (or was let back in meanwhile); a later call tries them again.
+    waiting: list[str] = field(default_factory=list)
+    #: Partners reclustered (their link decisions queued) or isolated.
+    partners: int = 0
+
+    def merge(self, other: Release) -> None:
+        self.released += other.released
+        self.retired += other.retired
+        self.dead_lettered += other.dead_lettered
+        self.waiting += other.waiting
+        self.partners += other.partners
+
+
 def release_dead_lettered(
-    db: Database, photo_ids: Sequence[str], step: Callable[[Sequence[str]], ReclusterReport]
-) -> tuple[list[str], list[str]]:
+    db: Database,
+    photo_ids: Sequence[str],
+    step: Callable[[Sequence[str]], ReclusterReport],
+    dead_letter: Callable[[list[DeadLetter]], int],
+    max_attempts: int,
+) -> Release:
     """Take dead-lettered photos out of the events they still link to.
 
-    The other photos of those events are reclustered first (``step``; the dead-lettered ones
-    are left out of every closure, so each event is changed or tombstoned as if they had never
-    come). Then, under the clustering lease, the events no photo links to any more are retired
-    and the photos' queued link decisions and ``eventId`` are removed, in that order. A crash
-    anywhere before the last write leaves the photos linked, and the next call (the sweeper's)
-    does it again: every part is idempotent. ``photo_ids`` are taken a bounded number at a
-    time, so no query names more than :data:`IDS_PER_QUERY` of them. Returns (photos
-    released, events retired)."""
-    released: list[str] = []
-    retired: list[str] = []
-    ids = sorted(set(photo_ids))
-    for start in range(0, len(ids), _RELEASED_PER_ROUND):
-        some_released, some_retired = _release(db, ids[start : start + _RELEASED_PER_ROUND], step)
-        released += some_released
-        retired += some_retired
-    return released, retired
+    The other photos of those events (their partners) are reclustered first (``step``; the
+    dead-lettered ones are left out of every closure, so each event is changed or tombstoned
+    as if they had never come). Then, under the clustering lease, the events no photo links
+    to any more are retired and the photos' queued link decisions and ``eventId`` are
+    removed, in that order. A crash anywhere before the last write leaves the photos linked,
+    and the next call (the sweeper's) does it again: every part is idempotent. ``photo_ids``
+    are taken a bounded number at a time, so no query names more than
+    :data:`IDS_PER_QUERY` of them.
+
+    A partner whose recluster fails is isolated as in a micro-batch: bisected out, its
+    attempt counted, the other partners reclustered. Its event is not settled, so the
+    photos that link to it stay linked: below the limit they wait for a later call (each of
+    which counts one attempt); at the limit the partner is dead-lettered, and it and those
+    photos are released in another round of this call. Outages still raise."""
+    release = Release()
+    todo = sorted(set(photo_ids))
+    while todo:
+        batch, todo = todo[:_RELEASED_PER_ROUND], todo[_RELEASED_PER_ROUND:]
+        # Each photo handed back is there because a partner was dead-lettered in this round,
+        # which a photo can be once: the rounds end.
+        todo += _release(db, batch, step, dead_letter, max_attempts, release)
+    return release
 
 
 def _release(
-    db: Database, photo_ids: list[str], step: Callable[[Sequence[str]], ReclusterReport]
-) -> tuple[list[str], list[str]]:
+    db: Database,
+    photo_ids: list[str],
+    step: Callable[[Sequence[str]], ReclusterReport],
+    dead_letter: Callable[[list[DeadLetter]], int],
+    max_attempts: int,
+    release: Release,
+) -> list[str]:
+    """One round of :func:`release_dead_lettered`, added to ``release``; returns the photos
+    to release in another round."""
     query = {"_id": {"$in": photo_ids}, "deadLettered": True}
     dead = {doc["_id"]: doc.get("eventId") for doc in db.photos.find(query, {"eventId": 1})}
     queued = {
         doc["_id"]: doc["eventId"]
         for doc in db.pending_links.find({"_id": {"$in": list(dead)}}, {"eventId": 1})
     }
-    former = {e for e in dead.values() if e is not None} | set(queued.values())
+    held = {p: {e for e in (dead[p], queued.get(p)) if e is not None} for p in dead}
+    former = set().union(*held.values())
     if not former:
-        return [], []
-    partners = sorted({p for ids in photos_linked_to(db, former).values() for p in ids})
+        return []
+    members = photos_linked_to(db, former)
+    partners = sorted({p for ids in members.values() for p in ids})
+    isolation = _Isolation()
     if partners:
-        step(partners)
-    linked = sorted(set(queued) | {p for p, e in dead.items() if e is not None})
-    with clustering_lease(db):
-        # Read again under the lease: a photo let back in since (a newer message, or the
-        # operator) may have been clustered again, and its new link must stay.
-        query = {"_id": {"$in": linked}, "deadLettered": True}
-        released = sorted(doc["_id"] for doc in db.photos.find(query, {"_id": 1}))
-        # Retired first (a dead-lettered photo holds no event already, see photos_linked_to),
-        # links last: the links are how the next call finds these events again, so a run
-        # stopped between these writes leaves nothing that call could not finish.
-        retired = retire_emptied_events(db, former)
-        db.pending_links.delete_many({"_id": {"$in": released}})
-        db.photos.update_many({"_id": {"$in": released}}, {"$unset": {"eventId": ""}})
+        try:
+            _bisect(db, partners, step, dead_letter, max_attempts, isolation)
+        except TRANSIENT:
+            raise
+        except Exception:  # noqa: BLE001 - a partner's failure, counted; anything else raises
+            if not isolation.failed:
+                raise
+    release.partners += len(partners)
+    release.dead_lettered += isolation.poisoned
+
+    # An event is settled when each of its partners' steps succeeded. Otherwise it waits for
+    # a later call while a partner failed below the limit (or was let back in by a newer
+    # message), or goes to another round when every failed partner is dead-lettered now.
+    failed, poisoned = set(isolation.failed), set(isolation.poisoned)
+    unsettled = {e for e, ids in members.items() if failed & set(ids)}
+    stuck = {e for e in unsettled if not (failed & set(members[e])) <= poisoned}
+    event_of = {p: e for e, ids in members.items() for p in ids}
+    ready = sorted(p for p, events in held.items() if events and not events & unsettled)
+    again = sorted(
+        {p for p, events in held.items() if events & unsettled and not events & stuck}
+        | {p for p in poisoned if event_of[p] not in stuck}
+    )
+    waiting = sorted(
+        {p for p, events in held.items() if events & stuck}
+        | {p for p in poisoned if event_of[p] in stuck}
+    )
+    release.waiting += waiting
+
+    released: list[str] = []
+    retired: list[str] = []
+    if ready:
+        with clustering_lease(db):
+            # Read again under the lease: a photo let back in since (a newer message, or the
+            # operator) may have been clustered again, and its new link must stay.
+            query = {"_id": {"$in": ready}, "deadLettered": True}
+            released = sorted(doc["_id"] for doc in db.photos.find(query, {"_id": 1}))
+            # Retired first (a dead-lettered photo holds no event already, see
+            # photos_linked_to), links last: the links are how the next call finds these
+            # events again, so a run stopped between these writes leaves nothing that call
+            # could not finish.
+            retired = retire_emptied_events(db, set().union(*(held[p] for p in ready)))
+            db.pending_links.delete_many({"_id": {"$in": released}})
+            db.photos.update_many({"_id": {"$in": released}}, {"$unset": {"eventId": ""}})
+    release.released += released
+    release.retired += retired
     log.warning(
-        "released %d dead-lettered photos from %d events (%d partners reclustered, %d retired)",
+        "released %d dead-lettered photos from %d events (%d partners reclustered, %d "
+        "retired); %d partners dead-lettered, %d photos wait for a failing partner",
         len(released),
         len(former),
         len(partners),
         len(retired),
+        len(isolation.poisoned),
+        len(waiting),
     )
-    return released, retired
+    return again

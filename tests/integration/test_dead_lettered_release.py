@@ -42,6 +42,8 @@ DINNER = backend_photo("b-dinner", "2026-06-06T19:00:00Z", 2.2900, 48.8600)
 SECOND = backend_photo("c-second", "2026-06-06T12:01:00Z", 2.35233, 48.8566)
 # Ten metres further a minute later: the lunch event's third photo.
 THIRD = backend_photo("d-third", "2026-06-06T12:02:00Z", 2.35246, 48.8566)
+# Ten metres from the dinner photo a minute later: the dinner event's second photo.
+DESSERT = backend_photo("f-dessert", "2026-06-06T19:01:00Z", 2.29013, 48.8600)
 
 
 def clustered(db, photos: list[dict]) -> None:
@@ -310,30 +312,106 @@ def test_a_retired_event_points_to_the_event_its_first_photo_joins_when_let_back
     assert (retired["mergedInto"], retired["photoCount"], retired["version"]) == (holder, 0, 3)
 
 
-def test_a_release_that_fails_does_not_stop_the_sweep_healing_orphans(
+def test_a_partner_that_fails_the_release_is_isolated_and_the_sweeps_succeed(
     resources, mongo, monkeypatch
 ):
-    """The sweep's release reclusters the partners of a photo a stopped run left linked; if
-    that recluster fails, the orphans elsewhere are still healed before the check fails, and
-    a later sweep releases the photo."""
+    """The sweep's release reclusters the partners of photos stopped runs left linked. A
+    partner whose recluster fails is isolated as in a micro-batch: its attempt is counted and
+    the photo of its event waits, linked, while the other release and the orphans' healing go
+    on and the sweep succeeds; at the attempt limit the partner is dead-lettered with its
+    reason and released together with the photo that waited."""
     db = mongo.db()
-    clustered(db, [LUNCH, SECOND])
-    shared = photo_events(db)["a-lunch"]
-    db.photos.update_one({"_id": "c-second"}, {"$set": {"deadLettered": True}})
-    db.poison_attempts.insert_one({"_id": "c-second", "attempts": 3, "lastError": "ValueError"})
+    clustered(db, [LUNCH, SECOND, DINNER, DESSERT])
+    lunch_event, dinner_event = photo_events(db)["a-lunch"], photo_events(db)["b-dinner"]
+    assert photo_events(db)["c-second"] == lunch_event
+    assert photo_events(db)["f-dessert"] == dinner_event
+    for photo_id in ("c-second", "f-dessert"):  # dead-lettered by runs stopped before release
+        db.photos.update_one({"_id": photo_id}, {"$set": {"deadLettered": True}})
+        db.poison_attempts.insert_one({"_id": photo_id, "attempts": 3, "deadLettered": True})
     db.photos.insert_one(backend_photo("e-orphan", "2026-06-07T09:00:00Z", 2.30, 48.80))
     monkeypatch.setattr(sweeper, "recluster", lambda db, ids, params: fail_on(db, "a-lunch")(ids))
 
+    for attempt in (1, 2):
+        orphans = sweep(resources)["orphan_photos"].metadata  # each sweep succeeds
+        assert db.poison_attempts.find_one({"_id": "a-lunch"})["attempts"] == attempt
+        assert orphans["dead_lettered_released"].value == (1 if attempt == 1 else 0)
+        assert orphans["release_waiting"].value == 1
+        assert photo_events(db)["c-second"] == lunch_event, "waits for its failing partner"
+    assert photo_events(db)["f-dessert"] is None, "released past the failing partner"
+    assert photo_events(db)["e-orphan"] is not None, "the orphan is healed all the same"
+
+    orphans = sweep(resources)["orphan_photos"].metadata
+    assert db.photos.find_one({"_id": "a-lunch"})["deadLettered"] is True
+    (letter,) = db.dead_letters.find({"code": "processing_failed"})
+    assert letter["reason"] == "failed 3 times: ValueError: cannot cluster a-lunch"
+    assert (orphans["dead_lettered_released"].value, orphans["events_retired"].value) == (2, 1)
+    assert orphans["partners_dead_lettered"].value == 1
+    assert {p: photo_events(db)[p] for p in ("a-lunch", "c-second")} == {
+        "a-lunch": None,
+        "c-second": None,
+    }
+    assert db.events.find_one({"_id": lunch_event})["photoCount"] == 0
+    assert live_counts(db) == canonical_counts(db)
+
+    monkeypatch.undo()
+    sweep(resources)
+    assert sweep(resources)["event_photo_counts"].passed
+    assert live_counts(db) == canonical_counts(db)
+
+
+def test_a_release_that_fails_otherwise_does_not_stop_the_sweep_healing_orphans(
+    resources, mongo, monkeypatch
+):
+    """A release failure no partner is blamed for (here its retiring write): the orphans
+    elsewhere are still healed before the check fails, and a later sweep releases the photo."""
+    db = mongo.db()
+    clustered(db, [LUNCH, DINNER])
+    lunch_event = photo_events(db)["a-lunch"]
+    db.photos.update_one({"_id": "a-lunch"}, {"$set": {"deadLettered": True}})
+    db.poison_attempts.insert_one({"_id": "a-lunch", "attempts": 3, "deadLettered": True})
+    db.photos.insert_one(backend_photo("e-orphan", "2026-06-07T09:00:00Z", 2.30, 48.80))
+
+    def broken(db, event_ids):
+        raise RuntimeError("retiring failed")
+
+    monkeypatch.setattr(poison, "retire_emptied_events", broken)
     with instance_for_test() as instance:
         job = build_definitions(resources).resolve_job_def(SWEEPER_JOB_NAME)
         assert not job.execute_in_process(instance=instance, raise_on_error=False).success
     assert photo_events(db)["e-orphan"] is not None, "the orphan is healed all the same"
-    assert photo_events(db)["c-second"] == shared, "left for a later sweep"
+    assert photo_events(db)["a-lunch"] == lunch_event, "left for a later sweep"
 
     monkeypatch.undo()
     assert sweep(resources)["orphan_photos"].metadata["dead_lettered_released"].value == 1
-    assert photo_events(db)["c-second"] is None
+    assert photo_events(db)["a-lunch"] is None
     assert live_counts(db) == canonical_counts(db)
+
+
+def test_a_partner_that_fails_a_runs_release_is_dead_lettered_in_turn(mongo, kafka, settings):
+    """A micro-batch dead-letters a photo whose partner fails the release's recluster too: the
+    partner is isolated (at a limit of one attempt, dead-lettered with its reason) and both
+    are released in the same run, which returns instead of failing on the partner."""
+    db = mongo.db()
+    clustered(db, [LUNCH, SECOND, DINNER])
+    shared = photo_events(db)["a-lunch"]
+
+    _, poisoned = recluster_isolating_poison(
+        db,
+        ["c-second"],
+        fail_on(db, "c-second", "a-lunch"),
+        dead_letter_for(db, kafka, settings),
+        1,
+    )
+    while apply_pending_links(db)[1]:
+        pass
+
+    assert poisoned == ["c-second"]
+    assert db.photos.find_one({"_id": "a-lunch"})["deadLettered"] is True
+    reasons = {d["reason"] for d in db.dead_letters.find({"code": "processing_failed"})}
+    assert "failed 1 times: ValueError: cannot cluster a-lunch" in reasons
+    assert (photo_events(db)["a-lunch"], photo_events(db)["c-second"]) == (None, None)
+    assert db.events.find_one({"_id": shared})["photoCount"] == 0
+    assert live_counts(db) == canonical_counts(db) == {photo_events(db)["b-dinner"]: 1}
 
 
 class InLists(monitoring.CommandListener):
@@ -526,7 +604,7 @@ def test_a_photo_let_back_in_while_it_is_being_released_keeps_its_new_link(mongo
         recluster(db, ["a-lunch"], ClusterParams())
         return recluster(db, partners, ClusterParams())
 
-    poison.release_dead_lettered(db, ["a-lunch"], let_back_in_meanwhile)
+    poison.release_dead_lettered(db, ["a-lunch"], let_back_in_meanwhile, lambda _: 1, 1)
     while apply_pending_links(db)[1]:
         pass
 
