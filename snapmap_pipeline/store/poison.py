@@ -93,10 +93,12 @@ def recluster_isolating_poison(
 
 @dataclass
 class _Isolation:
-    """The photos a bisection blamed: each one whose step failed alone (its attempt counted),
-    and those of them dead-lettered now (at the limit, and marked)."""
+    """The photos a bisection blamed: each one whose step failed alone (its attempt counted)
+    with the error it failed with, and those of them dead-lettered now (at the limit, and
+    marked)."""
 
     failed: list[str] = field(default_factory=list)
+    errors: list[Exception] = field(default_factory=list)
     poisoned: list[str] = field(default_factory=list)
 
 
@@ -117,6 +119,7 @@ def _bisect(
     except Exception as error:  # noqa: BLE001 - any other failure may be one photo's fault
         if len(seed_ids) == 1:
             isolation.failed.append(seed_ids[0])
+            isolation.errors.append(error)
             isolation.poisoned += _count_attempt(db, seed_ids[0], error, dead_letter, max_attempts)
             return ReclusterReport()
         log.warning("recluster of %d photos failed (%s); bisecting", len(seed_ids), error)
@@ -321,8 +324,8 @@ def _release(
             _bisect(db, partners, step, dead_letter, max_attempts, isolation)
         except TRANSIENT:
             raise
-        except Exception:  # noqa: BLE001 - a partner's failure, counted; anything else raises
-            if not isolation.failed:
+        except Exception as error:  # noqa: BLE001 - a partner's failure is counted, not raised
+            if not any(error is blamed for blamed in isolation.errors):
                 raise
     release.partners += len(partners)
     release.dead_lettered += isolation.poisoned
