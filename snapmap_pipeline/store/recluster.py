@@ -15,11 +15,13 @@ seed): the first round fetches, for every seed photo, the cells within the link 
 slack) over ``takenAt`` within W, which is exactly what the locality rule needs. Everything
 fetched stays in memory and the closure is grown through it hop by hop
 (``clustering.locality.linked_through``); only photos whose own cells and times were not
-fetched yet go back to the database. Each later round doubles the time margin (up to 64 W) and
-the reach in space (up to 16 link reaches) around those photos, so a crowd that keeps going for
-hours along a street costs a number of rounds that grows with the logarithm of its length, not
-one round per hop. Wider rounds can return photos that turn out not to be linked; they are
-dropped, and the closure is the same set as with hop-by-hop fetches.
+fetched yet go back to the database. Each later round doubles the time margin (up to 64 W)
+around those photos, and the reach in space (up to 16 link reaches) when the closure reached
+cells never fetched, so a crowd that keeps going for hours along a street costs a number of
+rounds that grows with the logarithm of its length, not one round per hop, while a crowd that
+stays in one square is not fetched a district wide. Wider rounds can return photos that turn
+out not to be linked; they are dropped, and the closure is the same set as with hop-by-hop
+fetches.
 """
 
 from __future__ import annotations
@@ -59,8 +61,9 @@ log = logging.getLogger(__name__)
 MAX_CONFLICT_RETRIES = 5
 
 # Round k of a closure load fetches W * 2**k around new photos (k at most 6, as the engine's
-# closure does) in cells within the link reach * 2**k (k at most 4: 1.6 km at R = 50 m, about
-# one more ring of cells; wider would fetch whole districts of a busy city for one crowd).
+# closure does) in cells within the link reach * 2**j, where j counts the earlier rounds that
+# reached cells never fetched (j at most 4: 1.6 km at R = 50 m, about one more ring of cells;
+# wider would fetch whole districts of a busy city for one crowd).
 _MAX_TIME_DOUBLINGS = 6
 _MAX_REACH_DOUBLINGS = 4
 # Limits per query: branches of the $or (each one cell list and one takenAt range), cells over
@@ -72,6 +75,8 @@ _IDS_PER_QUERY = 5_000
 _REPLY_DOCS = 10_000
 _LOAD_FIELDS = PHOTO_FIELDS | {"deadLettered": 1}
 _LATEST = 2**63
+# What a closure photo still needs fetched (``_ClosureLoad._need``).
+_COVERED, _LONGER, _FARTHER = 0, 1, 2
 
 
 @dataclass
@@ -257,6 +262,7 @@ class _ClosureLoad:
         # A time range read for every cell at once (``know``), and the photos read in it.
         self._everywhere: list[tuple[int, int]] = []
         self._known: dict[str, dict] = {}
+        self._reach_doublings = 0
         self.rounds = 0
         self.queries = 0
         self.photos_fetched = 0
@@ -280,8 +286,10 @@ class _ClosureLoad:
         joined: dict[str, dict] = {}
         frontier = list(members.values())
         while frontier:
-            uncovered = [p for p in frontier if not self._covered(p)]
-            for doc in self._fetch_round(uncovered) if uncovered else ():
+            needs = [(p, self._need(p)) for p in frontier]
+            uncovered = [p for p, need in needs if need]
+            farther = any(need == _FARTHER for _, need in needs)
+            for doc in self._fetch_round(uncovered, farther) if uncovered else ():
                 if doc["_id"] not in members and not doc.get("deadLettered"):
                     pool.setdefault(doc["_id"], (doc, to_point(doc)))
             frontier = linked_through(frontier, [p for _, p in pool.values()], self._params)
@@ -290,26 +298,36 @@ class _ClosureLoad:
                 joined[photo.photo_id] = pool.pop(photo.photo_id)[0]
         return joined
 
-    def _covered(self, photo: PhotoPoint) -> bool:
-        """Whether every stored photo that may be linked to ``photo`` was fetched already."""
+    def _need(self, photo: PhotoPoint) -> int:
+        """What is still to fetch for ``photo``: ``_COVERED`` when every stored photo that may
+        be linked to it was fetched already; ``_FARTHER`` when a cell within its link reach
+        was never fetched (outside the ranges every cell was read over); ``_LONGER`` when
+        its cells were, but not over all of its time."""
         taken_us = epoch_us(photo.taken_at)
         wanted = [(taken_us - self._window_us, taken_us + self._window_us)]
         rest = _minus(wanted, self._everywhere)
         if not rest:
-            return True
+            return _COVERED
+        need = _COVERED
         for cell in cells_near(photo.lon, photo.lat, self._reach_m):
-            ranges = self._fetched.get(cell, ())
+            ranges = self._fetched.get(cell)
+            if not ranges:
+                return _FARTHER
             for low, high in rest:
                 i = bisect_right(ranges, (low, _LATEST)) - 1
                 if i < 0 or ranges[i][1] < high:
-                    return False
-        return True
+                    need = _LONGER
+        return need
 
-    def _fetch_round(self, photos: list[PhotoPoint]) -> list[dict]:
-        """One round: fetch what ``photos`` need, widened by the round number, minus what was
-        fetched before."""
+    def _fetch_round(self, photos: list[PhotoPoint], farther: bool) -> list[dict]:
+        """One round: fetch what ``photos`` need, minus what was fetched before. The time
+        margin doubles every round; the reach doubles only in the rounds after the first
+        where the closure reached cells never fetched (``farther``): a crowd that stays in one
+        square for hours needs a longer time there, not a wider district."""
         margin_us = self._window_us << min(self.rounds, _MAX_TIME_DOUBLINGS)
-        reach_m = self._reach_m * 2 ** min(self.rounds, _MAX_REACH_DOUBLINGS)
+        if self.rounds and farther:
+            self._reach_doublings = min(self._reach_doublings + 1, _MAX_REACH_DOUBLINGS)
+        reach_m = self._reach_m * 2**self._reach_doublings
         self.rounds += 1
 
         wanted: dict[int, list[tuple[int, int]]] = {}
