@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snapmap_pipeline.assets.backfill import recluster_day
+from snapmap_pipeline.assets.backfill import day_photo_chunks, recluster_day
 from snapmap_pipeline.clustering import ClusterParams
 from snapmap_pipeline.store import recluster as recluster_module
 from snapmap_pipeline.store.geocell import cell_of
@@ -137,3 +137,44 @@ def test_photos_sharing_a_chunk_boundary_instant_are_not_read_by_every_chunk(
     assert photo_events(db) == expected.assignment
     assert report.chunks == 10
     assert held and max(held) <= chunk_size
+
+
+# Milliseconds into the day: bursts on a few instants (ties), dense minutes, sparse hours, and
+# photos just outside the day on either side.
+TAKEN_MS = st.one_of(
+    st.sampled_from([0, 1, 43_200_000, 86_399_999]),
+    st.integers(43_200_000, 43_260_000),
+    st.integers(0, 86_399_999),
+    st.sampled_from([-1, 86_400_000]),
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(taken=st.lists(TAKEN_MS, min_size=0, max_size=60), chunk_size=st.integers(1, 15))
+def test_day_chunks_are_the_days_photos_in_order_and_full(taken, chunk_size, mongo):
+    """Each chunk asks a range sized from the one before (``day_photo_chunks``): whatever the
+    density, ties and gaps, the chunks are the day's photos in ``(takenAt, _id)`` order, each
+    once, all full but the last, with the times of their first and last photo."""
+    db = mongo.db()
+    db.photos.delete_many({})
+    documents = [
+        {"_id": f"p{i:02d}", "takenAt": DAY + timedelta(milliseconds=ms)}
+        for i, ms in enumerate(taken)
+    ]
+    if documents:
+        db.photos.insert_many(documents)
+    in_day = sorted(
+        (d["takenAt"], d["_id"]) for d in documents if DAY <= d["takenAt"] < DAY + timedelta(1)
+    )
+
+    chunks = list(day_photo_chunks(db, DAY, DAY + timedelta(days=1), chunk_size))
+
+    assert [i for chunk in chunks for i in chunk.ids] == [i for _, i in in_day]
+    assert all(len(chunk.ids) == chunk_size for chunk in chunks[:-1])
+    assert all(0 < len(chunk.ids) <= chunk_size for chunk in chunks)
+    by_id = {i: t for t, i in in_day}
+    assert all(c.first == by_id[c.ids[0]] and c.last == by_id[c.ids[-1]] for c in chunks)
