@@ -208,8 +208,15 @@ def _count_attempt(
             {"_id": photo_id, "sourceVersion": photo.get("sourceVersion")},
             {"$set": {"deadLettered": True}},
         )
+        # The newer message's photo starts afresh, unless that message's run dead-lettered it
+        # meanwhile: then the record stays, for the sweeper to find the photo by.
+        if (
+            photo
+            and not marked.matched_count
+            and not db.photos.count_documents({"_id": photo_id, "deadLettered": True}, limit=1)
+        ):
+            db.poison_attempts.delete_one({"_id": photo_id})
     if photo and not marked.matched_count:
-        db.poison_attempts.delete_one({"_id": photo_id})
         log.warning(
             "photo %s: its message %s is dead-lettered, but a newer message was stored "
             "meanwhile; the photo is tried again with it",

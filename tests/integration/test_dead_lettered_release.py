@@ -642,3 +642,44 @@ def test_a_photo_whose_newer_message_is_stored_while_it_is_dead_lettered_stays_i
         pass
     assert photo_events(db)["a-lunch"] == photo_events(db)["c-second"] is not None
     assert live_counts(db) == canonical_counts(db)
+
+
+def test_a_photo_the_newer_messages_run_dead_letters_meanwhile_keeps_its_record(
+    resources, mongo, kafka, settings
+):
+    """Between the attempt that reaches the limit and the photo's mark, another partition's
+    run stores a newer message of the photo, fails on it at the limit too, marks the photo and
+    stops before releasing it (an outage while it reclusters the partners). The first run's
+    mark then fails (the version moved on), and it must leave the attempt record alone: the
+    record is how the sweeper finds the photo, still linked to its event, to release it."""
+    db = mongo.db()
+    clustered(db, [LUNCH, SECOND])
+    shared = photo_events(db)["a-lunch"]
+    newer = PhotoUpload("a-lunch", at("2026-06-06T12:00:20Z"), 2.3522, 48.8566, "azure://p/a.jpg")
+    source = {"topic": settings.uploads_topic, "partition": 1, "offset": 0, "topicId": None}
+    sent = dead_letter_for(db, kafka, settings)
+
+    def stopped_while_releasing(seed):
+        if "c-second" in seed:
+            raise AutoReconnect("connection lost while reclustering the partners")
+        return fail_on(db, "a-lunch")(seed)
+
+    def newer_message_dead_lettered_meanwhile(letters):
+        result = sent(letters)
+        upsert_uploads(db, [(newer, source, None)])
+        with pytest.raises(AutoReconnect):
+            recluster_isolating_poison(db, ["a-lunch"], stopped_while_releasing, sent, 1)
+        assert db.photos.find_one({"_id": "a-lunch"})["deadLettered"] is True
+        assert photo_events(db)["a-lunch"] == shared, "the stopped run left it linked"
+        return result
+
+    _, poisoned = recluster_isolating_poison(
+        db, ["a-lunch"], fail_on(db, "a-lunch"), newer_message_dead_lettered_meanwhile, 1
+    )
+
+    assert poisoned == []
+    assert db.photos.find_one({"_id": "a-lunch"})["deadLettered"] is True
+    assert db.poison_attempts.find_one({"_id": "a-lunch"}) is not None
+    sweep(resources)
+    assert photo_events(db)["a-lunch"] is None, "the sweep released the dead-lettered photo"
+    assert live_counts(db) == canonical_counts(db)
