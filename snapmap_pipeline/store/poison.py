@@ -29,7 +29,7 @@ without its record. The record is marked under the lease, before the photo is.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pymongo import ReturnDocument
@@ -88,7 +88,9 @@ def recluster_isolating_poison(
         raise
     finally:
         if isolation.poisoned and not outage:
-            release_dead_lettered(db, isolation.poisoned, step, dead_letter, max_attempts)
+            release_dead_lettered(
+                db, isolation.poisoned, step, dead_letter, max_attempts, isolation.failed
+            )
 
 
 @dataclass
@@ -276,6 +278,7 @@ def release_dead_lettered(
     step: Callable[[Sequence[str]], ReclusterReport],
     dead_letter: Callable[[list[DeadLetter]], int],
     max_attempts: int,
+    failed_already: Collection[str] = (),
 ) -> Release:
     """Take dead-lettered photos out of the events they still link to.
 
@@ -292,14 +295,18 @@ def release_dead_lettered(
     attempt counted, the other partners reclustered. Its event is not settled, so the
     photos that link to it stay linked: below the limit they wait for a later call (each of
     which counts one attempt); at the limit the partner is dead-lettered, and it and those
-    photos are released in another round of this call. Outages still raise."""
+    photos are released in another round of this call. Outages still raise.
+
+    ``failed_already`` are photos whose attempt the caller counted in this run: a partner
+    among them is not tried (nor counted) again, and its event waits like a failing
+    partner's."""
     release = Release()
     todo = sorted(set(photo_ids))
     while todo:
         batch, todo = todo[:_RELEASED_PER_ROUND], todo[_RELEASED_PER_ROUND:]
         # Each photo handed back is there because a partner was dead-lettered in this round,
         # which a photo can be once: the rounds end.
-        todo += _release(db, batch, step, dead_letter, max_attempts, release)
+        todo += _release(db, batch, step, dead_letter, max_attempts, failed_already, release)
     return release
 
 
@@ -309,6 +316,7 @@ def _release(
     step: Callable[[Sequence[str]], ReclusterReport],
     dead_letter: Callable[[list[DeadLetter]], int],
     max_attempts: int,
+    failed_already: Collection[str],
     release: Release,
 ) -> list[str]:
     """One round of :func:`release_dead_lettered`, added to ``release``; returns the photos
@@ -325,10 +333,13 @@ def _release(
         return []
     members = photos_linked_to(db, former)
     partners = sorted({p for ids in members.values() for p in ids})
-    isolation = _Isolation()
-    if partners:
+    # A partner that failed earlier in this run is not tried again: its attempt is counted.
+    counted = set(failed_already)
+    isolation = _Isolation(failed=[p for p in partners if p in counted])
+    retried = [p for p in partners if p not in counted]
+    if retried:
         try:
-            _bisect(db, partners, step, dead_letter, max_attempts, isolation)
+            _bisect(db, retried, step, dead_letter, max_attempts, isolation)
         except TRANSIENT:
             raise
         except Exception as error:  # noqa: BLE001 - a partner's failure is counted, not raised

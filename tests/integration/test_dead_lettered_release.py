@@ -683,3 +683,28 @@ def test_a_photo_the_newer_messages_run_dead_letters_meanwhile_keeps_its_record(
     sweep(resources)
     assert photo_events(db)["a-lunch"] is None, "the sweep released the dead-lettered photo"
     assert live_counts(db) == canonical_counts(db)
+
+
+def test_a_seed_that_failed_in_the_run_is_not_counted_again_by_its_release(mongo, kafka, settings):
+    """Two photos of one event fail in the same micro-batch: one reaches the limit and is
+    dead-lettered, the other fails its first attempt. The release of the first reclusters its
+    partners, the second among them: that failure is the same attempt, already counted. Counted
+    twice, the photo would reach a limit of three in its second run instead of its third."""
+    db = mongo.db()
+    clustered(db, [LUNCH, SECOND])
+    shared = photo_events(db)["a-lunch"]
+    db.poison_attempts.insert_one({"_id": "a-lunch", "attempts": 2, "lastError": "ValueError"})
+    sent = dead_letter_for(db, kafka, settings)
+    step = fail_on(db, "a-lunch", "c-second")
+
+    with pytest.raises(ValueError, match="c-second"):
+        recluster_isolating_poison(db, ["a-lunch", "c-second"], step, sent, 3)
+
+    assert db.photos.find_one({"_id": "a-lunch"})["deadLettered"] is True
+    assert db.poison_attempts.find_one({"_id": "c-second"})["attempts"] == 1
+    assert photo_events(db)["a-lunch"] == shared, "waits for its failing partner"
+    # The retried run: the second attempt, not the limit.
+    with pytest.raises(ValueError, match="c-second"):
+        recluster_isolating_poison(db, ["c-second"], step, sent, 3)
+    assert "deadLettered" not in db.photos.find_one({"_id": "c-second"})
+    assert db.poison_attempts.find_one({"_id": "c-second"})["attempts"] == 2
