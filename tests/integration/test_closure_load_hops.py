@@ -101,3 +101,65 @@ def test_a_closure_over_hundreds_of_stored_photos_loads_every_linked_one(mongo, 
         load = _ClosureLoad(db, params)
         load.know(dict(in_range), first, last)
         assert set(load.grow({d["_id"]: d for d in seed})) == expected
+
+
+def _photo(i: int, lon: float, lat: float, taken: datetime) -> dict:
+    lon = (lon + 180.0) % 360.0 - 180.0
+    return {
+        "_id": f"q{i:04d}",
+        "location": {"type": "Point", "coordinates": [lon, lat]},
+        "cell": cell_of(lon, lat),
+        "takenAt": taken,
+        "eventId": None,
+    }
+
+
+@pytest.mark.parametrize(
+    "lon, lat", [(2.2945, 48.8584), (179.9990, 0.0), (-45.0, 89.9993), (10.0, -89.9996)]
+)
+def test_a_closure_that_stays_in_one_cell_then_jumps_loads_every_linked_one(mongo, lon, lat):
+    """Shapes the reach's doubling depends on: a crowd that stays in one square for hours
+    (rounds that need a longer time there, never a wider reach), then, at one instant, a
+    street of photos just under 2R apart that leaves the cell; later a second square far off,
+    reached through another one-instant street; and a photo just out of reach of each (one
+    step of 2R and a little more, or W and a second). Near the antimeridian and at the poles
+    (the street around the pole crosses every meridian), with the seed at either end."""
+    db = mongo.db()
+    ensure_schema(db)
+    params = ClusterParams()
+    metre_deg = math.degrees(1 / EARTH_RADIUS_M)
+    window = timedelta(seconds=params.window_s)
+    step_m = 2 * params.radius_m * 0.999
+    stored: list[dict] = []
+
+    def at(east_m: float, north_m: float, taken: datetime) -> None:
+        """East along the seed's parallel, then north along that meridian."""
+        cos = max(math.cos(math.radians(lat)), 1e-12)
+        photo_lon, photo_lat = lon + east_m * metre_deg / cos, lat + north_m * metre_deg
+        stored.append(_photo(len(stored), photo_lon, photo_lat, taken))
+
+    taken = T0
+    for _ in range(200):  # three hours in one square, a photo every 0.9 W
+        at(len(stored) % 3, len(stored) % 5, taken)
+        taken += window * 0.9
+    at(0.0, 0.0, taken + window + timedelta(seconds=1))  # a second too late
+    for k in range(1, 25):  # a street at one instant, out of the square and far away
+        at(k * step_m, 0.0, taken)
+    at(24 * step_m + 2.01 * params.radius_m, 0.0, taken)  # a little more than 2R
+    far = 24 * step_m
+    for k in range(1, 120):  # another square, for an hour and a half
+        at(far, k % 4, taken + window * 0.75 * k)
+    taken_far = taken + window * 0.75 * 119
+    away = -1.0 if lat > 0 else 1.0  # away from the pole
+    for k in range(1, 25):  # along a meridian, another one-instant street
+        at(far, 2 + away * k * step_m, taken_far)
+    db.photos.insert_many(stored)
+    stored = list(db.photos.find({}))
+    by_id = {d["_id"]: d for d in stored}
+
+    for seed_id in (stored[0]["_id"], stored[-1]["_id"], stored[230]["_id"]):
+        seed = [by_id[seed_id]]
+        expected = _reachable(seed, stored, params)
+        assert len(expected) > 300
+        load = _ClosureLoad(db, params)
+        assert set(load.grow({d["_id"]: d for d in seed})) == expected
