@@ -102,7 +102,14 @@ class Config:
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> Config:
-        root = Path(env.get("SNAPMAP_STACK_DIR") or PROJECT / ".stack").expanduser()
+        raw_root = env.get("SNAPMAP_STACK_DIR")
+        if raw_root == "":
+            # Like an empty port: the default folder may hold another stack's data.
+            raise StackError(
+                "SNAPMAP_STACK_DIR is set but empty; unset it to use the default folder, "
+                "or set a folder"
+            )
+        root = Path(raw_root or PROJECT / ".stack").expanduser()
         return cls(
             root=root.resolve(),
             kafka_port=_port(env, "SNAPMAP_KAFKA_PORT", 29092),

@@ -192,3 +192,24 @@ def test_a_port_set_but_empty_is_an_error_naming_it(tmp_path, variable):
         f"stack: error: {variable} is set but empty; unset it to use the default port, "
         "or set a port\n"
     )
+
+
+@pytest.mark.parametrize("command", [["env", "--where"], ["status"]])
+def test_a_stack_folder_set_but_empty_is_an_error_naming_it(command):
+    """An empty SNAPMAP_STACK_DIR comes from a broken env file like an empty port: taken as
+    unset, it would point this shell's `status`, `down` and `wipe` at the project's default
+    stack folder, another stack's data and pid files."""
+    env = {"PATH": os.environ.get("PATH", ""), **PORTS, "SNAPMAP_STACK_DIR": ""}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "localstack" / "stack.py"), *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stdout
+    assert done.stdout == ""
+    assert done.stderr == (
+        "stack: error: SNAPMAP_STACK_DIR is set but empty; unset it to use the default folder, "
+        "or set a folder\n"
+    )
