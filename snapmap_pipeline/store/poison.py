@@ -111,9 +111,11 @@ def _bisect(
     dead_letter: Callable[[list[DeadLetter]], int],
     max_attempts: int,
     isolation: _Isolation,
+    counted: Collection[str] = frozenset(),
 ) -> ReclusterReport:
     """Run ``step`` over ``seed_ids``, bisecting around photos that make it fail; the photos
-    blamed are appended to ``isolation``."""
+    blamed are appended to ``isolation``. A photo of ``counted`` that fails alone is blamed
+    without a second count: its attempt in this run is counted already."""
     try:
         report = step(seed_ids)
     except TRANSIENT:
@@ -122,6 +124,8 @@ def _bisect(
         if len(seed_ids) == 1:
             isolation.failed.append(seed_ids[0])
             isolation.errors.append(error)
+            if seed_ids[0] in counted:
+                raise
             isolation.poisoned += _count_attempt(db, seed_ids[0], error, dead_letter, max_attempts)
             return ReclusterReport()
         log.warning("recluster of %d photos failed (%s); bisecting", len(seed_ids), error)
@@ -133,7 +137,7 @@ def _bisect(
     failures: list[Exception] = []
     for half in (seed_ids[:middle], seed_ids[middle:]):
         try:
-            report.merge(_bisect(db, half, step, dead_letter, max_attempts, isolation))
+            report.merge(_bisect(db, half, step, dead_letter, max_attempts, isolation, counted))
         except TRANSIENT:
             raise
         except Exception as error:  # noqa: BLE001 - finish the other half, then fail the run
@@ -298,7 +302,7 @@ def release_dead_lettered(
     photos are released in another round of this call. Outages still raise.
 
     ``failed_already`` are photos whose attempt the caller counted in this run: a partner
-    among them is not tried (nor counted) again, and its event waits like a failing
+    among them that fails again is not counted again, and its event waits like a failing
     partner's."""
     release = Release()
     todo = sorted(set(photo_ids))
@@ -333,13 +337,12 @@ def _release(
         return []
     members = photos_linked_to(db, former)
     partners = sorted({p for ids in members.values() for p in ids})
-    # A partner that failed earlier in this run is not tried again: its attempt is counted.
-    counted = set(failed_already)
-    isolation = _Isolation(failed=[p for p in partners if p in counted])
-    retried = [p for p in partners if p not in counted]
-    if retried:
+    isolation = _Isolation()
+    if partners:
         try:
-            _bisect(db, retried, step, dead_letter, max_attempts, isolation)
+            # A partner that failed earlier in this run (it may succeed now, without the
+            # dead-lettered photos) is tried again, but its failure is not counted twice.
+            _bisect(db, partners, step, dead_letter, max_attempts, isolation, set(failed_already))
         except TRANSIENT:
             raise
         except Exception as error:  # noqa: BLE001 - a partner's failure is counted, not raised

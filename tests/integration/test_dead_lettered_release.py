@@ -708,3 +708,35 @@ def test_a_seed_that_failed_in_the_run_is_not_counted_again_by_its_release(mongo
         recluster_isolating_poison(db, ["c-second"], step, sent, 3)
     assert "deadLettered" not in db.photos.find_one({"_id": "c-second"})
     assert db.poison_attempts.find_one({"_id": "c-second"})["attempts"] == 2
+
+
+def test_a_seed_that_failed_only_beside_the_dead_lettered_photo_is_tried_again_by_the_release(
+    mongo, kafka, settings
+):
+    """A photo whose data breaks every recluster that loads it also fails its partner's step,
+    tried first, while it is in the closure. Once it is dead-lettered, the release tries the
+    partner again (not counted twice): the partner succeeds without it, its attempt record is
+    gone, and the photo is released in the same run instead of waiting, linked, for the
+    sweeper."""
+    db = mongo.db()
+    clustered(db, [LUNCH, SECOND])
+    db.poison_attempts.insert_one({"_id": "a-lunch", "attempts": 2, "lastError": "ValueError"})
+
+    def step(seed):
+        lunch_in = not db.photos.find_one({"_id": "a-lunch"}).get("deadLettered")
+        if "a-lunch" in seed or (lunch_in and "c-second" in seed):
+            raise ValueError("cannot cluster a closure holding a-lunch")
+        return recluster(db, seed, ClusterParams())
+
+    with pytest.raises(ValueError):
+        recluster_isolating_poison(
+            db, ["c-second", "a-lunch"], step, dead_letter_for(db, kafka, settings), 3
+        )
+    while apply_pending_links(db)[1]:
+        pass
+
+    assert db.photos.find_one({"_id": "a-lunch"})["deadLettered"] is True
+    assert photo_events(db)["a-lunch"] is None, "released in the same run"
+    assert photo_events(db)["c-second"] is not None
+    assert db.poison_attempts.find_one({"_id": "c-second"}) is None
+    assert live_counts(db) == canonical_counts(db)
