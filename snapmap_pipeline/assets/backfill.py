@@ -16,7 +16,7 @@ import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from dagster import (
     AssetExecutionContext,
@@ -48,8 +48,6 @@ from snapmap_pipeline.store.outbox import publish_pending, write_pending_manifes
 from snapmap_pipeline.store.recluster import ReclusterReport, recluster
 
 DEFAULT_CHUNK_SIZE = 50_000
-# The shortest takenAt range a chunk's query asks (day_photo_chunks).
-_SHORTEST_SPAN = timedelta(seconds=1)
 # A day's histogram stays a few kilobytes of PNG in the run's metadata.
 _PLOT_SIZE_IN = (4.0, 2.4)
 _PLOT_DPI = 72
@@ -98,19 +96,10 @@ def day_photo_chunks(
 ) -> Iterator[DayChunk]:
     """The photos taken in ``[start, end)``, in ``(takenAt, _id)`` order, ``chunk_size`` at a
     time. Each chunk is its own query resuming after the last photo of the previous one, so
-    no server cursor stays open while a chunk is reclustered.
-
-    A query sorts every photo its ``takenAt`` range holds before it keeps ``chunk_size`` of
-    them (the local server does, without an index on ``(takenAt, _id)``), so each chunk after
-    the first asks only up to twice the previous chunk's duration past where it resumes; a
-    range that proves too short (fewer photos than a chunk, the day not over) is asked again
-    four times as long. At 1,000,000 photos, asking to the day's end every time spent 53 s
-    sorting the rest of the day for 20 chunks."""
+    no server cursor stays open while a chunk is reclustered."""
     after: dict = {}
-    span: timedelta | None = None
     while True:
-        until = end if span is None else min(end, after["takenAt"] + span)
-        query: dict = {"takenAt": {"$gte": start, "$lt": until}}
+        query: dict = {"takenAt": {"$gte": start, "$lt": end}}
         if after:
             query = {
                 "$and": [
@@ -128,9 +117,6 @@ def day_photo_chunks(
             .sort([("takenAt", 1), ("_id", 1)])
             .limit(chunk_size)
         )
-        if len(documents) < chunk_size and until < end:
-            span *= 4
-            continue
         if not documents:
             return
         yield DayChunk(
@@ -139,7 +125,6 @@ def day_photo_chunks(
         if len(documents) < chunk_size:
             return
         after = documents[-1]
-        span = max(2 * (documents[-1]["takenAt"] - documents[0]["takenAt"]), _SHORTEST_SPAN)
 
 
 def recluster_day(

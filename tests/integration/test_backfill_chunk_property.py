@@ -156,9 +156,10 @@ TAKEN_MS = st.one_of(
 )
 @given(taken=st.lists(TAKEN_MS, min_size=0, max_size=60), chunk_size=st.integers(1, 15))
 def test_day_chunks_are_the_days_photos_in_order_and_full(taken, chunk_size, mongo):
-    """Each chunk asks a range sized from the one before (``day_photo_chunks``): whatever the
-    density, ties and gaps, the chunks are the day's photos in ``(takenAt, _id)`` order, each
-    once, all full but the last, with the times of their first and last photo."""
+    """Each chunk is its own query resuming after the photo the one before ended on
+    (``day_photo_chunks``): whatever the density, ties and gaps, the chunks are the day's
+    photos in ``(takenAt, _id)`` order, each once, all full but the last, with the times of
+    their first and last photo."""
     db = mongo.db()
     db.photos.delete_many({})
     documents = [
