@@ -250,6 +250,18 @@ class KafkaResource(ConfigurableResource):
             if remaining:
                 raise KafkaUnavailable(f"{remaining} messages not delivered before the timeout")
 
+    def start_sender(self) -> None:
+        """Start ``send``'s producer now, if none is running, so that it holds its producer id
+        by the time of the first ``send``.
+
+        A new idempotent producer whose first message is produced at once waits about 0.5 s
+        for its first acknowledgement; started 0.2 s or more before it, it does not
+        (``bench/pipeline/producer_start.py``). A run calls this when it starts, before
+        reading its batch."""
+        with self._sender_lock:
+            if self._sender is None:
+                self._sender = self._new_producer()
+
     def send(self, topic: str, messages: Sequence[tuple[bytes | None, bytes | None, list]]) -> None:
         """Produce ``(key, value, headers)`` messages and wait until the broker acknowledged
         every one; raises ``KafkaUnavailable`` naming the first failure otherwise.

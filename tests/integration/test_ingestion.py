@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 from datetime import UTC, datetime, timedelta
+from typing import ClassVar
 
 import pytest
 from dagster import instance_for_test
@@ -126,6 +127,28 @@ def test_rerun_does_not_send_dead_letters_twice(resources, settings, kafka, mong
         (request,) = harness.drain()
         harness.execute(request)
     assert len(read_all(kafka, settings.dead_letter_topic)) == 2
+
+
+class SenderWatchingKafka(KafkaResource):
+    """Records, each time a run reads its batch, whether the run's producer already runs."""
+
+    seen: ClassVar[list[bool]] = []
+
+    def read_range(self, offsets):
+        SenderWatchingKafka.seen.append(self._sender is not None)
+        return super().read_range(offsets)
+
+
+def test_a_run_starts_its_producer_before_reading_its_batch(resources, settings, kafka, mongo):
+    """A new idempotent producer holds up its first send by about 0.5 s unless it was started
+    a moment before (bench/pipeline/producer_start.py): a run starts it before the read."""
+    publish(kafka, settings.uploads_topic, [b"{bad"], partition=0)
+    SenderWatchingKafka.seen.clear()
+    watching = {**resources, "kafka": SenderWatchingKafka(**kafka.model_dump())}
+    with instance_for_test() as instance:
+        (request,) = Harness(instance, watching).drain()
+    assert SenderWatchingKafka.seen == [True]
+    assert len(read_all(kafka, settings.dead_letter_topic)) == 1
 
 
 def test_poison_photo_is_isolated_then_dead_lettered(resources, settings, kafka, mongo):
