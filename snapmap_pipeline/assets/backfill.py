@@ -14,9 +14,10 @@ The ``snapmap recluster`` command runs the same ``recluster_day`` outside Dagste
 import base64
 import io
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from dagster import (
     AssetExecutionContext,
@@ -37,7 +38,11 @@ from pymongo.database import Database
 from snapmap_pipeline.assets.events import report_metadata
 from snapmap_pipeline.assets.ingest import OWNERS
 from snapmap_pipeline.clustering import ClusterParams
-from snapmap_pipeline.contract.validation import EARLIEST_TAKEN_AT
+from snapmap_pipeline.contract.validation import (
+    EARLIEST_TAKEN_AT,
+    MAX_FUTURE_SKEW,
+    MAX_PUBLISH_SKEW,
+)
 from snapmap_pipeline.jobs import RECLUSTER_JOB_NAME
 from snapmap_pipeline.resources.blob import BlobStorageResource
 from snapmap_pipeline.resources.kafka import KafkaResource
@@ -52,11 +57,18 @@ DEFAULT_CHUNK_SIZE = 50_000
 _PLOT_SIZE_IN = (4.0, 2.4)
 _PLOT_DPI = 72
 
-# UTC on purpose: a day is 24 hours everywhere, with no DST shifts (cases.md #30). The first
-# day is the upload contract's earliest takenAt, so that the day of every photo the contract
+# The latest takenAt the contract accepts is this far after the time a run reads the message:
+# a day after its Kafka timestamp, which may itself be an hour ahead of the read.
+LATEST_TAKEN_AT_AHEAD = MAX_FUTURE_SKEW + MAX_PUBLISH_SKEW
+
+# UTC on purpose: a day is 24 hours everywhere, with no DST shifts (cases.md #30). The days run
+# from the upload contract's earliest takenAt to the day of its latest one (today's partition
+# is end_offset 1, each further day one more), so that the day of every photo the contract
 # accepts can be backfilled from the UI as well as with `snapmap recluster`.
 DAILY_PARTITIONS = DailyPartitionsDefinition(
-    start_date=EARLIEST_TAKEN_AT, timezone="UTC", end_offset=1
+    start_date=EARLIEST_TAKEN_AT,
+    timezone="UTC",
+    end_offset=1 + math.ceil(LATEST_TAKEN_AT_AHEAD / timedelta(days=1)),
 )
 
 Logger = logging.Logger | logging.LoggerAdapter | DagsterLogManager

@@ -11,7 +11,14 @@ from dagster import AssetCheckSeverity, DefaultScheduleStatus, instance_for_test
 
 from snapmap_pipeline.assets.backfill import DAILY_PARTITIONS
 from snapmap_pipeline.clustering import ClusterParams
-from snapmap_pipeline.contract.validation import EARLIEST_TAKEN_AT, InvalidUpload, parse_timestamp
+from snapmap_pipeline.contract.validation import (
+    EARLIEST_TAKEN_AT,
+    MAX_FUTURE_SKEW,
+    MAX_PUBLISH_SKEW,
+    InvalidUpload,
+    check_publish_time,
+    parse_timestamp,
+)
 from snapmap_pipeline.definitions import build_definitions, production_resources
 from snapmap_pipeline.jobs import INGEST_JOB_NAME, RECLUSTER_JOB_NAME, SWEEPER_JOB_NAME
 from snapmap_pipeline.resources.blob import BlobStorageResource
@@ -370,6 +377,24 @@ def test_partitions_are_utc_days_across_the_dst_change(resources, mongo):
     assignment = photo_events(db)
     assert assignment["berlin-1"] is not None
     assert assignment["berlin-2"] is None
+
+
+@pytest.mark.parametrize(
+    "read_at", ["2026-03-29T00:00:00Z", "2026-03-29T12:00:00Z", "2026-03-29T23:59:59Z"]
+)
+def test_the_day_of_the_latest_photo_the_contract_accepts_is_a_partition(read_at):
+    """A photo may be dated up to a day after its message's Kafka timestamp, which may be an
+    hour after the run reads it: that photo's day is already a partition when the run reads it,
+    and the partitions end at most a day after it."""
+    now = parse_timestamp(read_at)
+    published = now + MAX_PUBLISH_SKEW
+    latest = published + MAX_FUTURE_SKEW
+    check_publish_time(published, now)
+    assert parse_timestamp(latest.isoformat(), published) == latest
+    keys = DAILY_PARTITIONS.get_partition_keys(current_time=now)
+    latest_day = DAILY_PARTITIONS.get_partition_key_for_timestamp(latest.timestamp())
+    assert latest_day in keys
+    assert keys[-1] <= (latest + timedelta(days=1)).date().isoformat()
 
 
 def test_every_day_a_valid_photo_can_be_taken_is_a_partition(resources, mongo):
