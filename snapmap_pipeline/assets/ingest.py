@@ -113,9 +113,10 @@ def split_batch(
     """Validate each message of the topic with ``topic_id``, read at ``read_at`` (default
     now). A producer timestamp more than ``MAX_PUBLISH_SKEW`` after ``read_at`` is not
     trusted, and the offsets in ``held_back`` (dead-lettered for that by an earlier read) stay
-    dead-lettered. Per photoId the valid message with the greatest ``source_version`` wins, the
-    order ``upsert_uploads`` applies across batches, so the stored photo does not depend on
-    how the messages were split into runs."""
+    dead-lettered. A message without a Kafka timestamp has its photo's time bounded by
+    ``read_at`` instead. Per photoId the valid message with the greatest ``source_version``
+    wins, the order ``upsert_uploads`` applies across batches, so the stored photo does not
+    depend on how the messages were split into runs."""
     policy = blob.url_policy()
     read_at = read_at or datetime.now(UTC)
     valid: list[tuple[PhotoUpload, dict, datetime | None]] = []
@@ -136,7 +137,7 @@ def split_batch(
                 )
             sent_at = published_at(message)
             check_publish_time(producer_set_time(message), read_at)
-            upload = validate_upload(message.value(), policy, sent_at)
+            upload = validate_upload(message.value(), policy, sent_at, read_at)
         except InvalidUpload as invalid:
             rejected.append(
                 DeadLetter.from_message(message, invalid.code, invalid.reason, topic_id)

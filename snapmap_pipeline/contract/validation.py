@@ -10,7 +10,8 @@ Timestamp policy (cases.md #31, #34): RFC 3339 only, with ``T`` and ``Z`` or an 
 seconds are rejected. Fractions are cut to whole milliseconds, the precision MongoDB stores, so
 that streaming and reclustering from storage see the same instant. A photo taken before
 ``EARLIEST_TAKEN_AT`` or more than one day after the message's own Kafka timestamp is rejected
-(``timestamp_out_of_range``; the reason names the bound and the times it compared).
+(``timestamp_out_of_range``; the reason names the bound and the times it compared). A message
+without a Kafka timestamp is bounded by the time the run read it instead, and its reason says so.
 
 The Kafka timestamp itself orders the messages about one photo (``store/photos.py``), so a
 producer-set one (CreateTime) more than ``MAX_PUBLISH_SKEW`` after the moment the run read the
@@ -99,11 +100,14 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def parse_timestamp(text: str, reference: datetime | None = None) -> datetime:
+def parse_timestamp(
+    text: str, reference: datetime | None = None, read_at: datetime | None = None
+) -> datetime:
     """Parse an RFC 3339 timestamp to aware UTC, cut to milliseconds, within the time guards.
 
     ``reference`` is the message's own time (its Kafka timestamp); photos more than a day after
-    it are rejected. Without one, only the lower bound applies.
+    it are rejected. A message without one is held to ``read_at``, when the run read it, the
+    same way. Without either, only the lower bound applies.
     """
     match = _TIMESTAMP.fullmatch(text) if isinstance(text, str) else None
     if match is None:
@@ -141,16 +145,38 @@ def parse_timestamp(text: str, reference: datetime | None = None) -> datetime:
             f"timestamp {photo} is before the lower bound {_instant(EARLIEST_TAKEN_AT)}, the "
             "earliest time a photo is accepted",
         )
-    if reference is not None and taken_at > reference + MAX_FUTURE_SKEW:
+    if reference is not None:
+        _check_upper_bound(
+            photo,
+            taken_at,
+            reference,
+            "the message's Kafka timestamp",
+            "if the photo's time is right, the producer's clock is behind",
+        )
+    elif read_at is not None:
+        _check_upper_bound(
+            photo,
+            taken_at,
+            read_at,
+            "the time the message was read",
+            "the message has no Kafka timestamp",
+        )
+    return taken_at
+
+
+def _check_upper_bound(
+    photo: str, taken_at: datetime, reference: datetime, named: str, advice: str
+) -> None:
+    """Reject ``taken_at`` more than ``MAX_FUTURE_SKEW`` after ``reference`` (``named`` in the
+    reason, followed by ``advice``)."""
+    if taken_at > reference + MAX_FUTURE_SKEW:
         ahead = str(timedelta(seconds=int((taken_at - reference).total_seconds())))
         raise InvalidUpload(
             "timestamp_out_of_range",
-            f"timestamp {photo} is more than a day after the message's Kafka timestamp "
-            f"{_instant(reference)} ({ahead.replace(',', '')} after; upper bound "
-            f"{_instant(reference + MAX_FUTURE_SKEW)}); if the photo's time is right, the "
-            "producer's clock is behind",
+            f"timestamp {photo} is more than a day after {named} {_instant(reference)} "
+            f"({ahead.replace(',', '')} after; upper bound "
+            f"{_instant(reference + MAX_FUTURE_SKEW)}); {advice}",
         )
-    return taken_at
 
 
 def _instant(moment: datetime) -> str:
@@ -176,15 +202,19 @@ def validate_upload(
     raw: bytes | None,
     policy: StorageUrlPolicy,
     published_at: datetime | None = None,
+    read_at: datetime | None = None,
 ) -> PhotoUpload:
     """Turn the raw bytes of one message into a ``PhotoUpload`` or raise ``InvalidUpload``.
+
+    ``published_at`` is the message's Kafka timestamp, None when it has none; ``read_at``, when
+    the run read it, then bounds the photo's time instead (``parse_timestamp``).
 
     Nothing else escapes: an input that makes parsing itself fail (an overflow, nesting past
     the recursion limit, an integer past Python's digit limit) is that message's fault and is
     rejected like any other, never an error that fails the run and blocks its partition.
     """
     try:
-        return _validate(raw, policy, published_at)
+        return _validate(raw, policy, published_at, read_at)
     except InvalidUpload:
         raise
     except (ArithmeticError, ValueError, RecursionError, TypeError) as error:
@@ -193,7 +223,10 @@ def validate_upload(
 
 
 def _validate(
-    raw: bytes | None, policy: StorageUrlPolicy, published_at: datetime | None
+    raw: bytes | None,
+    policy: StorageUrlPolicy,
+    published_at: datetime | None,
+    read_at: datetime | None,
 ) -> PhotoUpload:
     if raw is None or len(raw) == 0:
         raise InvalidUpload("empty", "message has no value")
@@ -231,7 +264,7 @@ def _validate(
         if text.endswith("\n"):
             raise InvalidUpload("schema", f"{where}: ends with a newline")
 
-    taken_at = parse_timestamp(document["timestamp"], published_at)
+    taken_at = parse_timestamp(document["timestamp"], published_at, read_at)
     try:
         policy.parse(document["storageUrl"])
     except StorageUrlError as bad_url:

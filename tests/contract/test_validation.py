@@ -218,6 +218,26 @@ def test_a_producer_clock_behind_is_named_in_the_reason():
     assert len(rejected.value.reason) < 300
 
 
+def test_a_message_without_a_kafka_timestamp_is_bounded_by_the_time_it_was_read():
+    """Without a Kafka timestamp the upper bound is a day after the run read the message, and
+    the reason names that reference and why it was used. A Kafka timestamp, when there is one,
+    stays the reference, however long after it the message is read."""
+    read_at = PUBLISHED + timedelta(minutes=5)
+    assert validate_upload(message(), POLICY, None, read_at).photo_id == "abc123"
+    with pytest.raises(InvalidUpload) as rejected:
+        validate_upload(message(timestamp="9999-12-31T00:00:00Z"), POLICY, None, read_at)
+    assert rejected.value.code == "timestamp_out_of_range"
+    assert rejected.value.reason == (
+        "timestamp 9999-12-31T00:00:00Z is more than a day after the time the message was read "
+        "2026-01-17T13:30:00Z (2912425 days 10:30:00 after; upper bound 2026-01-18T13:30:00Z); "
+        "the message has no Kafka timestamp"
+    )
+    with pytest.raises(InvalidUpload, match="after the message's Kafka timestamp"):
+        validate_upload(message(timestamp="2026-01-19T00:00:00Z"), POLICY, PUBLISHED, read_at)
+    late_read = PUBLISHED + timedelta(days=30)
+    assert validate_upload(message(), POLICY, PUBLISHED, late_read).photo_id == "abc123"
+
+
 def test_a_photo_before_the_earliest_names_the_lower_bound():
     """Written with an offset, 1999-12-31T23:00Z reads as 2000: the reason gives the UTC
     instant beside the text, and names the lower bound."""

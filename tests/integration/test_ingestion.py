@@ -120,6 +120,36 @@ def test_a_producer_clock_behind_is_recognisable_on_the_dead_letter_topic(
     assert mongo.db().photos.count_documents({}) == 0
 
 
+def test_a_message_without_a_kafka_timestamp_is_bounded_by_the_time_it_was_read(
+    resources, settings, kafka, mongo
+):
+    """A producer can send -1, the record format's "no timestamp", and the broker keeps it.
+    The upper bound of such a message's photo time is then a day after the run read it: a
+    photo dated in the year 9999 is dead-lettered, and the reason says which time it was
+    compared with and why."""
+    now = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    with kafka.producer() as producer:
+        for photo_id, taken_at in [("year-9999", "9999-12-31T00:00:00Z"), ("today", now)]:
+            producer.produce(
+                settings.uploads_topic,
+                value=upload(photo_id, taken_at, 81.77, 25.43),
+                partition=0,
+                timestamp=-1,
+            )
+    with instance_for_test() as instance:
+        Harness(instance, resources).drain()
+
+    (letter,) = read_all(kafka, settings.dead_letter_topic)
+    headers = dict(letter.headers())
+    assert headers["snapmap.error.code"] == b"timestamp_out_of_range"
+    reason = headers["snapmap.error.reason"].decode()
+    assert reason.startswith(
+        "timestamp 9999-12-31T00:00:00Z is more than a day after the time the message was read "
+    )
+    assert "the message has no Kafka timestamp" in reason
+    assert [p["_id"] for p in mongo.db().photos.find()] == ["today"]
+
+
 def test_rerun_does_not_send_dead_letters_twice(resources, settings, kafka, mongo):
     publish(kafka, settings.uploads_topic, [b"{bad", b"{worse"], partition=0)
     with instance_for_test() as instance:
