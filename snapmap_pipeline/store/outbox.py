@@ -109,7 +109,8 @@ def write_pending_manifests(
     a holder paused past its lease's expiry (no heartbeat for 30 s) can still finish an upload
     after the next holder's; Blob Storage writes carry no fencing token.
 
-    The albums' photos are read with one query per thousand events, the blobs are written by
+    The albums' photos are read with one query per thousand events, and the queued links only
+    for those events and photos (never the whole queue); the blobs are written by
     ``MANIFEST_WORKERS`` threads (the real service serves them in parallel), and the written
     versions are marked in bulk."""
     report = OutboxReport()
@@ -130,9 +131,7 @@ def _write_pass(db: Database, blob: BlobStorageResource, limit: int, report: Out
     # album. An event with decisions still queued is left to the run that queued them (its
     # own event_updates step comes after its link step), or to the next pass.
     with clustering_lease(db):
-        moving = events_with_queued_links(db)
-        ready, waiting = settled_pending_events(db, moving, limit)
-        albums = album_photos(db, [e["_id"] for e in ready if not e.get("mergedInto")])
+        ready, albums, waiting = settled_pending_events(db, limit)
     report.manifests_waiting_for_links = waiting
     encoded = {
         event["_id"]: encode_manifest(manifest_of(event, albums.get(event["_id"], [])))
@@ -153,40 +152,52 @@ def _write_pass(db: Database, blob: BlobStorageResource, limit: int, report: Out
     report.manifests_unchanged = len(unchanged)
 
 
-def settled_pending_events(db: Database, moving: set[str], limit: int) -> tuple[list[dict], int]:
-    """Up to ``limit`` events with a pending manifest that are not in ``moving``, in ``_id``
-    order, and how many of the pending events read on the way were in ``moving``. Read page by
-    page, so any number of waiting events never hides the settled ones behind them."""
+def settled_pending_events(
+    db: Database, limit: int
+) -> tuple[list[dict], dict[str, list[dict]], int]:
+    """Up to ``limit`` events with a pending manifest whose membership is settled, in ``_id``
+    order, their albums (``album_photos``), and how many of the pending events read on the way
+    were not settled (``events_with_queued_links``). Read page by page, each page no longer
+    than the events still wanted, so any number of waiting events never hides the settled ones
+    behind them, and the queued links are asked about the events read, never read whole."""
     ready: list[dict] = []
+    albums: dict[str, list[dict]] = {}
     waiting = 0
     after: str | None = None
     while len(ready) < limit:
+        size = min(BATCH, limit - len(ready))
         query: dict = {"manifestPending": True}
         if after is not None:
             query["_id"] = {"$gt": after}
-        page = list(db.events.find(query).sort("_id", 1).limit(BATCH))
+        page = list(db.events.find(query).sort("_id", 1).limit(size))
+        page_albums = album_photos(db, [e["_id"] for e in page])
+        moving = events_with_queued_links(db, [e["_id"] for e in page], page_albums)
         for event in page:
             if event["_id"] in moving:
                 waiting += 1
-            elif len(ready) < limit:
+            else:
                 ready.append(event)
-        if len(page) < BATCH:
+                albums[event["_id"]] = page_albums.get(event["_id"], [])
+        if len(page) < size:
             break
         after = page[-1]["_id"]
-    return ready, waiting
+    return ready, albums, waiting
 
 
-def events_with_queued_links(db: Database) -> set[str]:
-    """Events whose membership queued link decisions will still change: the events they link
-    photos to, and the events those photos are linked to now."""
-    queued = list(db.pending_links.find({}, {"eventId": 1}))
-    moving = {link["eventId"] for link in queued if link.get("eventId")}
-    photo_ids = [link["_id"] for link in queued]
+def events_with_queued_links(
+    db: Database, event_ids: list[str], albums: dict[str, list[dict]]
+) -> set[str]:
+    """Those of ``event_ids`` whose membership queued link decisions will still change: the
+    events queued links link photos to, and the events holding a photo of ``albums`` (their
+    albums) that has a link queued. Only the queued links of these events and photos are read,
+    by the ``eventId`` and ``_id`` indexes."""
+    moving = set(db.pending_links.distinct("eventId", {"eventId": {"$in": event_ids}}))
+    event_of = {p["_id"]: p["eventId"] for photos in albums.values() for p in photos}
+    photo_ids = list(event_of)
     for start in range(0, len(photo_ids), BATCH):
         query = {"_id": {"$in": photo_ids[start : start + BATCH]}}
-        for photo in db.photos.find(query, {"eventId": 1}):
-            if photo.get("eventId"):
-                moving.add(photo["eventId"])
+        for link in db.pending_links.find(query, {"_id": 1}):
+            moving.add(event_of[link["_id"]])
     return moving
 
 

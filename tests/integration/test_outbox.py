@@ -13,12 +13,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from azure.storage.blob import BlobServiceClient
 from pydantic import PrivateAttr
+from pymongo import MongoClient, monitoring
 
 from snapmap_pipeline.clustering import ClusterParams, PhotoPoint, canonical_pass, diff
 from snapmap_pipeline.resources.blob import BlobStorageResource
 from snapmap_pipeline.store.events import load_stored_events, write_events
 from snapmap_pipeline.store.lease import held_lease
-from snapmap_pipeline.store.outbox import MANIFESTS_LEASE_ID, write_pending_manifests
+from snapmap_pipeline.store.outbox import BATCH, MANIFESTS_LEASE_ID, write_pending_manifests
+from tests.conftest import stack_setting
 
 pytestmark = pytest.mark.storage
 
@@ -241,6 +243,73 @@ def test_events_waiting_for_links_never_hide_the_settled_ones_behind_them(mongo,
     assert report.manifests_waiting_for_links == 4
     assert sorted(name for _method, name in counted.requests) == [f"{e}.json" for e in events[4:]]
     assert report.manifests_pending == 4
+
+
+class ReturnedIds(monitoring.CommandListener):
+    """The ``_id`` of every document a client's reads get back, by collection."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, list] = {}
+
+    def started(self, event) -> None:
+        pass
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        cursor = event.reply.get("cursor")
+        if cursor:
+            documents = cursor.get("firstBatch", cursor.get("nextBatch", []))
+            collection = cursor["ns"].split(".", 1)[1]
+            self.ids.setdefault(collection, []).extend(d.get("_id") for d in documents)
+
+    def failed(self, event) -> None:
+        pass
+
+
+def test_a_pass_asks_the_queue_only_about_the_events_it_writes(mongo, counted):
+    """After a backfill the queue can hold hundreds of thousands of link decisions. A pass
+    asks it only about the events it is about to write: links queued between other events
+    neither hold back an unrelated event's manifest nor come back to the pass, nor do the
+    photos they move."""
+    db = mongo.db()
+    madrid = [photo("a-0", 0, -3.7038, 40.4168), photo("a-1", 1, -3.7038, 40.4168)]
+    (event_id,) = set(store(db, madrid).values())
+    queued = [f"q-{i:05d}" for i in range(2 * BATCH + 10)]
+    db.photos.insert_many([{"_id": q, "eventId": f"other-{i % 7}"} for i, q in enumerate(queued)])
+    db.pending_links.insert_many(
+        [{"_id": q, "eventId": f"other-{(i + 1) % 7}", "token": 1} for i, q in enumerate(queued)]
+    )
+
+    returned = ReturnedIds()
+    client = MongoClient(
+        stack_setting("MONGODB_URI"), event_listeners=[returned], w=1, tz_aware=True
+    )
+    try:
+        report = write_pending_manifests(client[mongo.database], counted)
+    finally:
+        client.close()
+
+    assert report.manifests_written == 1 and report.manifests_waiting_for_links == 0
+    assert counted.requests == [("PUT", f"{event_id}.json")]
+    assert returned.ids.get("pending_links", []) == []
+    assert sorted(returned.ids["photos"]) == ["a-0", "a-1"]
+    assert db.pending_links.count_documents({}) == len(queued)
+
+
+def test_an_event_a_queued_link_takes_a_photo_out_of_is_held_back(mongo, counted):
+    """A queued link moves a photo out of a pending event to an event whose manifest is
+    written: the album of the event the photo leaves would still list it, so that event
+    waits, and the others are written."""
+    db = mongo.db()
+    places = [photo("a-0", 0, -3.7038, 40.4168), photo("a-1", 1, -3.7038, 40.4168)]
+    assignment = store(db, places + [photo("b-0", 0, 2.3522, 48.8566)])
+    leaving, settled = assignment["a-0"], assignment["b-0"]
+    db.pending_links.insert_one({"_id": "a-1", "eventId": "written-elsewhere", "token": 1})
+
+    report = write_pending_manifests(db, counted)
+
+    assert report.manifests_written == 1 and report.manifests_waiting_for_links == 1
+    assert counted.requests == [("PUT", f"{settled}.json")]
+    assert db.events.find_one({"_id": leaving})["manifestPending"] is True
 
 
 def test_a_pass_that_cannot_get_the_lease_writes_nothing_and_says_so(mongo, counted):
