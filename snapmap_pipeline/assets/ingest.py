@@ -1,7 +1,7 @@
 """The first step of a micro-batch: read exactly its offset range, dead-letter what breaks the
 contract, upsert the valid photos."""
 
-from collections.abc import Collection
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -11,6 +11,7 @@ from pymongo.database import Database
 
 from snapmap_pipeline.contract.validation import (
     PUBLISH_TIME_IN_FUTURE,
+    TIMESTAMP_OUT_OF_RANGE,
     InvalidUpload,
     PhotoUpload,
     check_publish_time,
@@ -63,9 +64,9 @@ class IngestedBatch:
 def published_at(message: Message) -> datetime | None:
     """The message's Kafka timestamp; None when it has none. A timestamp past the year 9999
     (which no datetime holds) is from a broken clock: ``InvalidUpload``."""
-    kind, millis = message.timestamp()
-    if not kind or millis <= 0:
+    if not has_kafka_timestamp(message):
         return None
+    _kind, millis = message.timestamp()
     try:
         return datetime.fromtimestamp(millis / 1000, UTC)
     except (ValueError, OverflowError, OSError):
@@ -81,25 +82,37 @@ def producer_set_time(message: Message) -> datetime | None:
     return published_at(message) if kind == TIMESTAMP_CREATE_TIME else None
 
 
-def held_back_before(db: Database, messages: list[Message], topic_id: str | None) -> set[int]:
-    """Offsets among ``messages`` that an earlier read dead-lettered for a Kafka timestamp in
-    the future. Such a timestamp stops being in the future as time passes; a replay of the
-    range must still dead-letter the message, or its offset would end both dead-lettered and
-    applied, and the replay would not reproduce the first outcome."""
+def has_kafka_timestamp(message: Message) -> bool:
+    kind, millis = message.timestamp()
+    return bool(kind) and millis > 0
+
+
+def held_back_before(db: Database, messages: list[Message], topic_id: str | None) -> dict[int, str]:
+    """Offsets among ``messages`` that an earlier read dead-lettered against the time it read
+    them, with the code it gave: for a Kafka timestamp in the future, or, for a message
+    without a Kafka timestamp, for a photo time out of range (its upper bound is then the read
+    time). Both verdicts change as time passes; a replay of the range must still dead-letter
+    the message, or its offset would end both dead-lettered and applied, and the replay would
+    not reproduce the first outcome."""
     letters = {
         DeadLetter.from_message(message, PUBLISH_TIME_IN_FUTURE, "", topic_id).source_key: message
         for message in messages
     }
     if not letters:
-        return set()
-    held: set[int] = set()
+        return {}
+    held: dict[int, str] = {}
     for record in db.dead_letters.find(
         {"_id": {"$in": list(letters)}}, {"_id": 1, "code": 1, "topicId": 1}
     ):
         recorded_topic = record.get("topicId")
         same_topic = recorded_topic is None or topic_id is None or recorded_topic == topic_id
-        if record.get("code") == PUBLISH_TIME_IN_FUTURE and same_topic:
-            held.add(letters[record["_id"]].offset())
+        message = letters[record["_id"]]
+        code = record.get("code")
+        read_time_verdict = code == PUBLISH_TIME_IN_FUTURE or (
+            code == TIMESTAMP_OUT_OF_RANGE and not has_kafka_timestamp(message)
+        )
+        if read_time_verdict and same_topic:
+            held[message.offset()] = code
     return held
 
 
@@ -108,15 +121,16 @@ def split_batch(
     blob: BlobStorageResource,
     topic_id: str | None = None,
     read_at: datetime | None = None,
-    held_back: Collection[int] = (),
+    held_back: Mapping[int, str] | None = None,
 ) -> tuple[dict[str, tuple[PhotoUpload, dict, datetime | None]], list[DeadLetter]]:
     """Validate each message of the topic with ``topic_id``, read at ``read_at`` (default
     now). A producer timestamp more than ``MAX_PUBLISH_SKEW`` after ``read_at`` is not
-    trusted, and the offsets in ``held_back`` (dead-lettered for that by an earlier read) stay
-    dead-lettered. A message without a Kafka timestamp has its photo's time bounded by
-    ``read_at`` instead. Per photoId the valid message with the greatest ``source_version``
-    wins, the order ``upsert_uploads`` applies across batches, so the stored photo does not
-    depend on how the messages were split into runs."""
+    trusted. A message without a Kafka timestamp has its photo's time bounded by ``read_at``
+    instead. The offsets in ``held_back`` (``held_back_before``: dead-lettered by an earlier
+    read against its own read time) stay dead-lettered with the code they had. Per photoId the
+    valid message with the greatest ``source_version`` wins, the order ``upsert_uploads``
+    applies across batches, so the stored photo does not depend on how the messages were split
+    into runs."""
     policy = blob.url_policy()
     read_at = read_at or datetime.now(UTC)
     valid: list[tuple[PhotoUpload, dict, datetime | None]] = []
@@ -129,11 +143,11 @@ def split_batch(
             "topicId": topic_id,
         }
         try:
-            if message.offset() in held_back:
+            if held_back and message.offset() in held_back:
                 raise InvalidUpload(
-                    PUBLISH_TIME_IN_FUTURE,
-                    "dead-lettered when first read for a Kafka timestamp in the future; a "
-                    "re-read keeps that outcome",
+                    held_back[message.offset()],
+                    "dead-lettered when first read, against the time of that read; a re-read "
+                    "keeps that outcome",
                 )
             sent_at = published_at(message)
             check_publish_time(producer_set_time(message), read_at)

@@ -46,6 +46,7 @@ MAX_FUTURE_SKEW = timedelta(days=1)
 # rejects such timestamps by default: message.timestamp.after.max.ms = 1 hour).
 MAX_PUBLISH_SKEW = timedelta(hours=1)
 PUBLISH_TIME_IN_FUTURE = "publish_time_in_future"
+TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
 MAX_UTC_OFFSET = timedelta(hours=14)
 
 _TIMESTAMP = re.compile(
@@ -141,7 +142,7 @@ def parse_timestamp(
     photo = text if text.endswith("Z") else f"{text} ({_instant(taken_at)})"
     if taken_at < EARLIEST_TAKEN_AT:
         raise InvalidUpload(
-            "timestamp_out_of_range",
+            TIMESTAMP_OUT_OF_RANGE,
             f"timestamp {photo} is before the lower bound {_instant(EARLIEST_TAKEN_AT)}, the "
             "earliest time a photo is accepted",
         )
@@ -172,7 +173,7 @@ def _check_upper_bound(
     if taken_at > reference + MAX_FUTURE_SKEW:
         ahead = str(timedelta(seconds=int((taken_at - reference).total_seconds())))
         raise InvalidUpload(
-            "timestamp_out_of_range",
+            TIMESTAMP_OUT_OF_RANGE,
             f"timestamp {photo} is more than a day after {named} {_instant(reference)} "
             f"({ahead.replace(',', '')} after; upper bound "
             f"{_instant(reference + MAX_FUTURE_SKEW)}); {advice}",

@@ -260,12 +260,40 @@ def test_a_range_read_again_later_keeps_a_future_stamped_message_dead_lettered(
     topic_id = kafka.topic_id(topic)
     held = held_back_before(db, messages, topic_id)
     valid, rejected = split_batch(messages, blob, topic_id, later, held)
-    assert held == {1}
+    assert held == {1: "publish_time_in_future"}
     assert [(r.offset, r.code) for r in rejected] == [(1, "publish_time_in_future")]
     assert valid["edited"][1]["offset"] == 0
     # Without the record of the first read's outcome the later read would apply it.
     valid, rejected = split_batch(messages, blob, topic_id, later)
     assert not rejected and valid["edited"][1]["offset"] == 1
+
+
+def test_a_range_read_again_later_keeps_an_unstamped_message_dead_lettered(
+    resources, settings, kafka, mongo, blob
+):
+    """A message without a Kafka timestamp is bounded by the time it was read: a photo dated
+    two days ahead is dead-lettered now, and a replay three days from now must still
+    dead-letter it, not apply it as well."""
+    topic = settings.uploads_topic
+    ahead = (datetime.now(UTC) + timedelta(days=2)).isoformat(timespec="seconds")
+    produce(kafka, topic, 0, upload("early", "2026-05-01T12:00:00Z", *OLD), T0)
+    produce(kafka, topic, 0, upload("dated-ahead", ahead.replace("+00:00", "Z"), *OLD), -1)
+    with instance_for_test() as instance:
+        Harness(instance, resources).drain()
+    db = mongo.db()
+    assert db.dead_letters.find_one({"offset": 1})["code"] == "timestamp_out_of_range"
+
+    messages, _ = kafka.read_range(OffsetRange(topic, 0, 0, 1, kafka.topic_id(topic)))
+    later = datetime.now(UTC) + timedelta(days=3)
+    topic_id = kafka.topic_id(topic)
+    held = held_back_before(db, messages, topic_id)
+    valid, rejected = split_batch(messages, blob, topic_id, later, held)
+    assert held == {1: "timestamp_out_of_range"}
+    assert [(r.offset, r.code) for r in rejected] == [(1, "timestamp_out_of_range")]
+    assert set(valid) == {"early"}
+    # Without the record of the first read's outcome the later read would apply it.
+    valid, rejected = split_batch(messages, blob, topic_id, later)
+    assert not rejected and set(valid) == {"early", "dated-ahead"}
 
 
 def test_a_topic_the_pipeline_creates_refuses_a_producer_timestamp_hours_ahead(settings, kafka):
