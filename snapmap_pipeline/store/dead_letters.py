@@ -9,7 +9,8 @@ A letter raised after ingest (a poison photo) carries no bytes: they are read ba
 source offset (``with_original_bytes``). When that offset no longer holds the photo's message
 (its topic deleted, or deleted and created again; retention) the letter is sent without bytes
 and its reason says why, so that the photo is dead-lettered once instead of failing every
-retry."""
+retry. A message too large to copy (over ``MAX_LETTER_BYTES``, key and value together) is
+sent without its bytes as well, its reason saying where they stay."""
 
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ from snapmap_pipeline.resources.kafka import KafkaResource, OffsetRange, TopicMi
 log = logging.getLogger(__name__)
 
 MAX_REASON_CHARS = 500
+# The most original bytes (key and value) a letter carries: below a producer's default
+# message.max.bytes (1,000,000) and the broker's default max.message.bytes (1,048,588), with
+# room for the headers. A message on photo-uploads can be larger (its producer and the topic
+# allowed it); its letter goes without the bytes rather than failing every run of its range.
+MAX_LETTER_BYTES = 900_000
 
 
 @dataclass(frozen=True)
@@ -55,14 +61,26 @@ class DeadLetter:
     def from_message(
         cls, message: Message, code: str, reason: str, topic_id: str | None = None
     ) -> DeadLetter:
+        key, value = message.key(), message.value()
+        size = len(key or b"") + len(value or b"")
+        if size > MAX_LETTER_BYTES:
+            where = f"{message.topic()}/{message.partition()}/{message.offset()}"
+            log.warning("dead letter of %s sent without its %d bytes", where, size)
+            # The statement first: a long reason is cut at MAX_REASON_CHARS.
+            reason = (
+                f"[original bytes not copied: the message's {size} bytes are more than a dead "
+                f"letter carries ({MAX_LETTER_BYTES}); they stay at {where} until retention "
+                f"deletes them] {reason}"
+            )
+            key = value = None
         return cls(
             message.topic(),
             message.partition(),
             message.offset(),
             code,
             reason[:MAX_REASON_CHARS],
-            message.key(),
-            message.value(),
+            key,
+            value,
             topic_id,
         )
 

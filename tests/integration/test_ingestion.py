@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import ClassVar
 
 import pytest
+from confluent_kafka import Producer
 from dagster import instance_for_test
 
 from snapmap_pipeline.clustering import ClusterParams
@@ -148,6 +149,46 @@ def test_a_message_without_a_kafka_timestamp_is_bounded_by_the_time_it_was_read(
     )
     assert "the message has no Kafka timestamp" in reason
     assert [p["_id"] for p in mongo.db().photos.find()] == ["today"]
+
+
+def test_a_message_too_large_to_copy_is_dead_lettered_without_its_bytes(
+    resources, settings, kafka, mongo
+):
+    """The broker takes messages of up to about 1 MiB, a producer takes 1,000,000 bytes by
+    default. A message on photo-uploads larger than that (its producer allowed it) cannot be
+    copied to the dead-letter topic: its letter goes without the bytes, the reason says where
+    they stay, and the run applies the rest of its batch at once instead of failing for good."""
+    huge = upload("huge", "2026-03-01T10:00:00Z", 13.405, 52.52, pad="x" * 1_040_000)
+    producer = Producer(
+        {"bootstrap.servers": kafka.bootstrap_servers, "message.max.bytes": 1_048_576}
+    )
+    producer.produce(settings.uploads_topic, value=huge, key=b"k" * 100, partition=0)
+    assert producer.flush(30) == 0
+    publish(
+        kafka,
+        settings.uploads_topic,
+        [upload("near", "2026-03-01T10:00:00Z", 13.405, 52.52)],
+        partition=0,
+    )
+    with instance_for_test() as instance:
+        harness = Harness(instance, resources)
+        (request,) = harness.tick()
+        assert harness.execute(request, raise_on_error=False).success
+
+    (letter,) = read_all(kafka, settings.dead_letter_topic)
+    headers = dict(letter.headers())
+    assert headers["snapmap.error.code"] == b"too_large"
+    assert headers["snapmap.source.offset"] == b"0"
+    assert letter.value() is None
+    reason = headers["snapmap.error.reason"].decode()
+    assert reason.startswith(
+        f"[original bytes not copied: the message's {len(huge) + 100} bytes are more than a "
+        f"dead letter carries (900000); they stay at {settings.uploads_topic}/0/0 until "
+        "retention deletes them] message is "
+    )
+    assert mongo.db().dead_letters.count_documents({"code": "too_large"}) == 1
+    assert photo_events(mongo.db())["near"] is not None
+    assert committed(kafka, settings.uploads_topic) == {0: 2}
 
 
 def test_rerun_does_not_send_dead_letters_twice(resources, settings, kafka, mongo):
