@@ -54,6 +54,13 @@ _TIMESTAMP = re.compile(
     r"(Z|([+-])(\d{2}):?(\d{2}))$"
 )
 KNOWN_FIELDS = ("photoId", "timestamp", "location", "storageUrl")
+# Arrays and objects may nest this deep, the message's own object included. Python's parser
+# gives up at the interpreter's recursion limit, which the caller's frames already use up, so
+# without a limit of its own a message nested some hundreds deep would be accepted or rejected
+# depending on how deep the validating call was made.
+MAX_NESTING = 64
+# A JSON string (skipped, so that its brackets do not count), or one bracket.
+_NESTING_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
 
 
 class InvalidUpload(ValueError):
@@ -237,6 +244,8 @@ def _validate(
         text = raw.decode("utf-8", errors="strict")
     except UnicodeDecodeError as error:
         raise InvalidUpload("not_utf8", f"invalid UTF-8 at byte {error.start}") from None
+    if _nests_deeper_than(text, MAX_NESTING):
+        raise InvalidUpload("not_json", f"arrays or objects nested deeper than {MAX_NESTING}")
     try:
         document = json.loads(
             text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant
@@ -274,6 +283,21 @@ def _validate(
     lon, lat = (float(v) for v in document["location"])
     extra = {k: v for k, v in document.items() if k not in KNOWN_FIELDS}
     return PhotoUpload(document["photoId"], taken_at, lon, lat, document["storageUrl"], extra)
+
+
+def _nests_deeper_than(text: str, limit: int) -> bool:
+    """Whether the arrays and objects of JSON ``text`` nest more than ``limit`` deep (text
+    that is not JSON may be answered either way: the parser rejects it next)."""
+    depth = 0
+    for token in _NESTING_TOKEN.finditer(text):
+        bracket = token.group()
+        if bracket in ("[", "{"):
+            depth += 1
+            if depth > limit:
+                return True
+        elif bracket in ("]", "}"):
+            depth -= 1
+    return False
 
 
 def _short(message: str, limit: int = 160) -> str:

@@ -305,3 +305,32 @@ def test_schema_states_the_validators_earliest_timestamp():
     bound the validator enforces (``EARLIEST_TAKEN_AT``, also the first daily partition)."""
     description = schema()["properties"]["timestamp"]["description"]
     assert EARLIEST_TAKEN_AT.strftime("%Y-%m-%dT%H:%M:%SZ") in description
+
+
+def _at_depth(frames: int, call):
+    """``call()`` made ``frames`` Python calls deeper than here."""
+    return call() if frames == 0 else _at_depth(frames - 1, call)
+
+
+def _outcome(raw: bytes) -> str:
+    try:
+        validate_upload(raw, POLICY, PUBLISHED)
+    except InvalidUpload as invalid:
+        return invalid.code
+    return "accepted"
+
+
+@pytest.mark.parametrize("depth", [65, 300, 900])
+def test_nesting_is_judged_the_same_whatever_the_callers_stack(depth):
+    """How deep a message nests decides whether it is accepted, never how deep the caller's
+    own stack is: Python's parser gives up at its recursion limit, which the frames already on
+    the stack use up, so a message nested 900 deep was accepted when called near the top and
+    rejected when called from 300 frames down (where a run's steps are)."""
+    nested = message()[:-1] + b', "x": ' + b"[" * depth + b"]" * depth + b"}"
+    outcomes = {frames: _at_depth(frames, lambda: _outcome(nested)) for frames in (0, 300)}
+    assert outcomes == {0: "not_json", 300: "not_json"}
+
+
+def test_nesting_up_to_the_limit_is_accepted():
+    nested = message()[:-1] + b', "x": ' + b'{"a": [' * 31 + b"1" + b"]}" * 31 + b"}"
+    assert _at_depth(300, lambda: _outcome(nested)) == "accepted"
