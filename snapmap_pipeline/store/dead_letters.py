@@ -65,8 +65,8 @@ class DeadLetter:
         size = len(key or b"") + len(value or b"")
         if size > MAX_LETTER_BYTES:
             where = f"{message.topic()}/{message.partition()}/{message.offset()}"
-            log.warning("dead letter of %s sent without its %d bytes", where, size)
-            # The statement first: a long reason is cut at MAX_REASON_CHARS.
+            # The statement first: a long reason is cut at MAX_REASON_CHARS. Not logged here:
+            # a letter is also made only to name its source offset (``held_back_before``).
             reason = (
                 f"[original bytes not copied: the message's {size} bytes are more than a dead "
                 f"letter carries ({MAX_LETTER_BYTES}); they stay at {where} until retention "
