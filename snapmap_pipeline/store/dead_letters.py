@@ -47,6 +47,13 @@ class DeadLetter:
     # The broker's id of the source topic; None when the caller did not know it.
     topic_id: str | None = None
 
+    def __post_init__(self) -> None:
+        # A reason may quote a value that JSON allows and UTF-8 cannot hold (half of a
+        # surrogate pair, "\ud800"); escaped, it can be sent as a header and recorded.
+        escaped = self.reason.encode("utf-8", "backslashreplace").decode("utf-8")
+        if escaped != self.reason:
+            object.__setattr__(self, "reason", escaped)
+
     @property
     def source_key(self) -> str:
         """``topic/partition/offset``; a letter with no source offset (a photo stored by the

@@ -191,6 +191,35 @@ def test_a_message_too_large_to_copy_is_dead_lettered_without_its_bytes(
     assert committed(kafka, settings.uploads_topic) == {0: 2}
 
 
+def test_a_reason_quoting_a_lone_surrogate_is_sent_and_recorded(resources, settings, kafka, mongo):
+    """JSON may escape half a UTF-16 pair (\\ud800), which no UTF-8 text can hold. A reason
+    that quotes such a value (here the host of a storageUrl) is sent with it escaped, so the
+    letter's header and its record can be written and the run applies the rest of its batch."""
+    bad = upload("lone", "2026-03-01T10:00:00Z", 13.405, 52.52).replace(
+        b"azure://photos/lone.jpg", b"https://a\\ud800b:1/c/x.jpg"
+    )
+    publish(
+        kafka,
+        settings.uploads_topic,
+        [bad, upload("near", "2026-03-01T10:00:00Z", 13.405, 52.52)],
+        partition=0,
+    )
+    with instance_for_test() as instance:
+        harness = Harness(instance, resources)
+        (request,) = harness.tick()
+        assert harness.execute(request, raise_on_error=False).success
+
+    (letter,) = read_all(kafka, settings.dead_letter_topic)
+    headers = dict(letter.headers())
+    assert headers["snapmap.error.code"] == b"bad_storage_url"
+    assert b"https://a\\ud800b" in headers["snapmap.error.reason"]
+    assert letter.value() == bad
+    (record,) = mongo.db().dead_letters.find({})
+    assert "https://a\\ud800b" in record["reason"]
+    assert photo_events(mongo.db())["near"] is not None
+    assert committed(kafka, settings.uploads_topic) == {0: 2}
+
+
 def test_rerun_does_not_send_dead_letters_twice(resources, settings, kafka, mongo):
     publish(kafka, settings.uploads_topic, [b"{bad", b"{worse"], partition=0)
     with instance_for_test() as instance:
