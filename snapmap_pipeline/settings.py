@@ -45,6 +45,9 @@ class PipelineSettings(ConfigurableResource):
     )
     sweep_limit: int = Field(default=20_000, description="Orphans healed per sweep at most.")
     storage_sample_size: int = Field(default=50, description="storageUrls checked per sweep.")
+    manifest_sample_size: int = Field(
+        default=50, description="Written event manifests checked per sweep."
+    )
 
     def cluster_params(self) -> ClusterParams:
         return ClusterParams(radius_m=self.radius_m, window_s=self.window_s)

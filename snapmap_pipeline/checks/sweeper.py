@@ -8,6 +8,9 @@ healed through the same ``recluster`` the streaming runs use.
   retired one (ERROR).
 - ``storage_urls_exist``: a sample of recent photos' blobs exist (WARN). Outages and auth
   failures are reported as errors, never as missing blobs (cases.md #40, #41).
+- ``event_manifests_exist``: the manifests of a sample of recently changed events, recorded as
+  written, exist in Blob Storage with the recorded content (WARN); a missing or different one
+  is made pending again for the next manifest pass. Errors are never counted as missing.
 
 Checks in a run may execute side by side and beside streaming runs. Count mismatches are
 therefore confirmed under the clustering lease with the link queue drained before they are
@@ -16,7 +19,7 @@ reported, so a run caught between writing events and linking photos is not a fal
 
 # No `from __future__ import annotations` here: Dagster validates the `context` parameter's
 # annotation as a class, not a string.
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -32,13 +35,14 @@ from dagster import (
     asset_check,
     define_asset_job,
 )
+from pymongo import UpdateOne
 from pymongo.database import Database
 
 from snapmap_pipeline.assets.backfill import apply_all_links, publish_all
 from snapmap_pipeline.assets.events import events, photo_event_links
 from snapmap_pipeline.contract.storage_url import StorageUrlError
 from snapmap_pipeline.jobs import SWEEPER_JOB_NAME
-from snapmap_pipeline.resources.blob import BlobStorageResource, redact
+from snapmap_pipeline.resources.blob import BlobStatus, BlobStorageResource, redact
 from snapmap_pipeline.resources.kafka import KafkaResource
 from snapmap_pipeline.resources.mongo import MongoResource
 from snapmap_pipeline.settings import PipelineSettings
@@ -477,20 +481,26 @@ def sample_storage(db: Database, blob: BlobStorageResource, size: int) -> Storag
     return sample
 
 
+def _ask(item_id: str, check: Callable[[], BlobStatus]) -> BlobStatus:
+    """One existence check. No connection or no answer raises ``StorageUnreachable`` (the
+    service is down or cut off, not this blob); any other SDK failure is an ``error`` status,
+    never ``missing``."""
+    try:
+        return check()
+    except (ServiceRequestError, ServiceResponseError) as error:
+        raise StorageUnreachable(
+            f"{type(error).__name__} checking {item_id}: {_first_line(error)}"
+        ) from error
+    except AzureError as error:
+        return BlobStatus(item_id, "error", f"{type(error).__name__}: {redact(str(error))[:200]}")
+
+
 def _check_one(blob: BlobStorageResource, client, photo: dict, sample: StorageSample) -> None:
     photo_id = photo["_id"]
     try:
-        status = blob.blob_status(client, photo["storageUrl"])
+        status = _ask(photo_id, lambda: blob.blob_status(client, photo["storageUrl"]))
     except StorageUrlError as error:
         sample.unparseable.append(f"{photo_id}: {error}")
-        return
-    except (ServiceRequestError, ServiceResponseError) as error:
-        # No connection or no answer: the service is down or cut off, not this blob.
-        raise StorageUnreachable(
-            f"{type(error).__name__} checking {photo_id}: {_first_line(error)}"
-        ) from error
-    except AzureError as error:
-        sample.errors.append(f"{photo_id}: {type(error).__name__}: {redact(str(error))[:200]}")
         return
     if status.status == "present":
         sample.present.append(photo_id)
@@ -575,13 +585,175 @@ def storage_urls_exist(
     )
 
 
-SWEEPER_CHECKS = [orphan_photos, event_photo_counts, tombstone_targets, storage_urls_exist]
+# Every event whose manifest the outbox wrote: live events, tombstones (their manifest points
+# to the event they were merged into, see ``outbox.manifest_of``) and retired events (an empty
+# album) alike. An event still pending is left to the manifest pass.
+WRITTEN_MANIFESTS = {"manifestPending": False, "manifestSha256": {"$ne": None}}
+
+
+@dataclass
+class ManifestSample:
+    """What a sample of written manifests showed. ``different``: the blob exists with another
+    ``sha256`` than the event records (an older copy restored, say). ``repaired``: events made
+    pending again for the next manifest pass (not those changed since they were read).
+    ``errors`` and ``unreachable`` as in ``StorageSample``: nothing is repaired for them."""
+
+    present: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    different: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    repaired: int = 0
+    unreachable: str | None = None
+    not_checked: int = 0
+
+    @property
+    def sampled(self) -> int:
+        return len(self.present) + len(self.missing) + len(self.different) + len(self.errors)
+
+
+def sample_manifests(db: Database, blob: BlobStorageResource, size: int) -> ManifestSample:
+    """Check the manifests of the ``size`` most recently changed events whose manifest is
+    recorded as written (a deterministic sample), one request each, and make those missing or
+    different pending again. The repair clears ``manifestSha256`` as well: the manifest pass
+    skips the upload of an album whose digest equals the recorded one, and the album of an
+    event that did not change since it was written has that digest. It only applies to the
+    version that was read, still recorded as written with that digest: an event changed since
+    is pending already or was written again. A failed check repairs nothing; the first
+    connection-level failure ends the sample."""
+    events = list(
+        db.events.find(WRITTEN_MANIFESTS, {"version": 1, "manifestSha256": 1})
+        .sort([("updatedAt", -1), ("_id", 1)])
+        .limit(size)
+    )
+    sample = ManifestSample()
+    if not events:
+        return sample
+    try:
+        with blob.service() as client:
+            for event in events:
+                _check_manifest(blob, client, event, sample)
+    except StorageUnreachable as error:
+        sample.unreachable = str(error)
+        sample.not_checked = len(events) - sample.sampled
+    except ValueError as error:
+        # The account settings cannot work: every event not checked yet is an error.
+        sample.errors += [f"{e['_id']}: {error}" for e in events[sample.sampled :]]
+    stale = set(sample.missing) | set(sample.different)
+    repairs = [
+        UpdateOne(
+            {
+                "_id": e["_id"],
+                "version": e["version"],
+                "manifestPending": False,
+                "manifestSha256": e["manifestSha256"],
+            },
+            {"$set": {"manifestPending": True}, "$unset": {"manifestSha256": ""}},
+        )
+        for e in events
+        if e["_id"] in stale
+    ]
+    if repairs:
+        sample.repaired = db.events.bulk_write(repairs, ordered=False).modified_count
+    return sample
+
+
+def _check_manifest(blob: BlobStorageResource, client, event: dict, sample: ManifestSample) -> None:
+    event_id = event["_id"]
+    status = _ask(event_id, lambda: blob.manifest_status(client, event_id))
+    if status.status == "missing":
+        sample.missing.append(event_id)
+    elif status.status == "error":
+        sample.errors.append(f"{event_id}: {status.detail}")
+    elif status.sha256 != event["manifestSha256"]:
+        sample.different.append(event_id)
+    else:
+        sample.present.append(event_id)
+
+
+@asset_check(
+    asset=events,
+    name="event_manifests_exist",
+    description=(
+        "The manifests of the most recently changed events whose manifest is recorded as "
+        "written exist in Blob Storage with the recorded content (sha256). A missing or "
+        "different one is made pending again, so the next manifest pass rewrites it, and "
+        "fails the check with a warning; checks that could not answer (auth, outage) are "
+        "reported apart and repair nothing."
+    ),
+)
+def event_manifests_exist(
+    context: AssetCheckExecutionContext,
+    mongo: MongoResource,
+    blob: BlobStorageResource,
+    settings: PipelineSettings,
+) -> AssetCheckResult:
+    sample = sample_manifests(mongo.db(), blob, settings.manifest_sample_size)
+    context.log.info(
+        "manifest sample: %d events, %d present, %d missing, %d different, %d made pending, "
+        "%d not checked (errors), %d skipped (storage unreachable)",
+        sample.sampled,
+        len(sample.present),
+        len(sample.missing),
+        len(sample.different),
+        sample.repaired,
+        len(sample.errors),
+        sample.not_checked,
+    )
+    problems = []
+    if sample.unreachable:
+        context.log.warning("Blob Storage unreachable: %s", sample.unreachable)
+        problems.append(
+            f"Blob Storage unreachable ({sample.unreachable}); {sample.not_checked} manifests "
+            "not checked"
+        )
+    if sample.missing:
+        problems.append(f"{len(sample.missing)} manifests are missing")
+    if sample.different:
+        problems.append(f"{len(sample.different)} manifests differ from the recorded digest")
+    if sample.missing or sample.different:
+        problems.append(f"{sample.repaired} made pending for the next manifest pass")
+    if sample.errors:
+        context.log.warning(
+            "%d manifest checks failed without an answer (auth or outage), e.g. %s",
+            len(sample.errors),
+            sample.errors[0],
+        )
+        problems.append(f"{len(sample.errors)} manifests could not be checked (see errors)")
+    return AssetCheckResult(
+        passed=not problems,
+        severity=AssetCheckSeverity.WARN,
+        description="; ".join(problems) or f"{sample.sampled} sampled manifests exist",
+        metadata={
+            "sampled": sample.sampled,
+            "present": len(sample.present),
+            "missing": len(sample.missing),
+            "different": len(sample.different),
+            "repaired": sample.repaired,
+            "errors": len(sample.errors),
+            "storage_unreachable": sample.unreachable is not None,
+            "not_checked": sample.not_checked,
+            "missing_examples": MetadataValue.json(sample.missing[:EXAMPLES]),
+            "different_examples": MetadataValue.json(sample.different[:EXAMPLES]),
+            "error_examples": MetadataValue.json(sample.errors[:EXAMPLES]),
+        },
+    )
+
+
+SWEEPER_CHECKS = [
+    orphan_photos,
+    event_photo_counts,
+    tombstone_targets,
+    storage_urls_exist,
+    event_manifests_exist,
+]
 
 # Only these checks: other checks on the same assets belong to the runs that materialise them.
 sweeper_job = define_asset_job(
     SWEEPER_JOB_NAME,
     selection=AssetSelection.checks(*SWEEPER_CHECKS),
-    description="The sweeper: heal orphan photos, verify counts, tombstones and stored blobs.",
+    description=(
+        "The sweeper: heal orphan photos, verify counts, tombstones, stored blobs and manifests."
+    ),
     tags={"snapmap/kind": "sweeper"},
 )
 

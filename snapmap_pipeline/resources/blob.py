@@ -94,11 +94,13 @@ class BlobConfigError(ValueError):
 @dataclass(frozen=True)
 class BlobStatus:
     """Outcome of one existence check: ``present``, ``missing`` or ``error`` (auth, throttling,
-    outage: never reported as missing)."""
+    outage: never reported as missing). ``sha256``: the blob's ``sha256`` metadata when it is
+    present (manifests carry it, photos need not)."""
 
     url: str
     status: str
     detail: str = ""
+    sha256: str | None = None
 
 
 class BlobStorageResource(ConfigurableResource):
@@ -248,13 +250,23 @@ class BlobStorageResource(ConfigurableResource):
         """Whether the photo behind ``url`` exists. 404 (blob or container) is ``missing``;
         403 and other failures are ``error`` and never counted as missing (cases.md #40, #41)."""
         location = self.url_policy().parse(url)
-        blob = client.get_blob_client(location.container, location.blob_name)
-        try:
-            blob.get_blob_properties()
-        except ResourceNotFoundError:
-            return BlobStatus(url, "missing")
-        except ClientAuthenticationError as error:
-            return BlobStatus(url, "error", f"authentication failed: {error.reason}")
-        except HttpResponseError as error:
-            return BlobStatus(url, "error", f"HTTP {error.status_code}: {error.reason}")
-        return BlobStatus(url, "present")
+        return _status(client, location.container, location.blob_name, url)
+
+    def manifest_status(self, client: BlobServiceClient, event_id: str) -> BlobStatus:
+        """Whether ``event-manifests/EVENT_ID.json`` exists, with its ``sha256`` metadata; the
+        same outcomes as ``blob_status``, in one request."""
+        name = f"{event_id}.json"
+        return _status(client, self.manifest_container, name, f"{self.manifest_container}/{name}")
+
+
+def _status(client: BlobServiceClient, container: str, name: str, url: str) -> BlobStatus:
+    blob = client.get_blob_client(container, name)
+    try:
+        properties = blob.get_blob_properties()
+    except ResourceNotFoundError:
+        return BlobStatus(url, "missing")
+    except ClientAuthenticationError as error:
+        return BlobStatus(url, "error", f"authentication failed: {error.reason}")
+    except HttpResponseError as error:
+        return BlobStatus(url, "error", f"HTTP {error.status_code}: {error.reason}")
+    return BlobStatus(url, "present", sha256=(properties.metadata or {}).get("sha256"))

@@ -4,7 +4,8 @@
 ``takenAt`` for the neighbourhood loads; ``(takenAt, _id)`` for the backfill's days;
 ``uploadedAt`` for the sweeper; ``eventId``.
 ``events``: ``_id`` = eventId; GeoJSON ``centroid``; ``endAt``; ``version``/``publishedVersion``
-(the outbox of event-updates); ``manifestPending``/``manifestSha256`` (the outbox of manifests).
+(the outbox of event-updates); ``manifestPending``/``manifestSha256`` (the outbox of manifests),
+with ``updatedAt`` for the sweeper's sample of written manifests.
 ``pending_links``: photo-to-event decisions not yet applied to ``photos`` (the link step's
 queue), by ``token`` and by ``eventId``. ``leases``: the clustering lease. ``batches``: what
 each offset range ended as (the offset accounting). ``migrations``: one-time data changes
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import logging
 
-from pymongo import ASCENDING
+from pymongo import ASCENDING, DESCENDING
 from pymongo.database import Database
 from pymongo.errors import OperationFailure
 
@@ -34,6 +35,8 @@ _INDEXES: dict[str, list[list[tuple[str, object]]]] = {
         [("startAt", ASCENDING)],
         [("publishPending", ASCENDING)],
         [("manifestPending", ASCENDING)],
+        # The sweeper's sample of written manifests: the most recently changed ones.
+        [("manifestPending", ASCENDING), ("updatedAt", DESCENDING)],
     ],
     "pending_links": [
         [("token", ASCENDING)],

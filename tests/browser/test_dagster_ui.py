@@ -28,7 +28,7 @@ ASSET_GROUPS = {
     "backfill": ["daily_events"],
 }
 CHECKS = {
-    "events": ["event_photo_counts", "tombstone_targets"],
+    "events": ["event_photo_counts", "tombstone_targets", "event_manifests_exist"],
     "photo_event_links": ["orphan_photos", "storage_urls_exist"],
 }
 WAIT_MS = 30_000

@@ -2,9 +2,9 @@
 
 An Azure outage must never stop ingestion: the run succeeds and commits, the manifests stay
 pending (``manifestPending``), and once storage is back the next run writes them, with the
-content of the event as it is then. The sweeper's storage check meets the same outage: it
-reports the service unreachable after the first failed connection instead of waiting out every
-sampled photo.
+content of the event as it is then. The sweeper's storage checks meet the same outage: they
+report the service unreachable after the first failed connection instead of waiting out every
+sampled photo or manifest, and never take an unanswered check for a missing blob.
 """
 
 from __future__ import annotations
@@ -15,9 +15,13 @@ import time
 import pytest
 from dagster import AssetCheckSeverity, instance_for_test
 
+from snapmap_pipeline.clustering import ClusterParams
 from snapmap_pipeline.definitions import build_definitions
 from snapmap_pipeline.jobs import SWEEPER_JOB_NAME
 from snapmap_pipeline.resources.blob import BlobStorageResource
+from snapmap_pipeline.store.events import apply_pending_links
+from snapmap_pipeline.store.outbox import write_pending_manifests
+from snapmap_pipeline.store.recluster import recluster
 from tests.faults.conftest import assert_end_state, changed, committed, stopped
 from tests.integration.pipeline import Harness, live_events, publish, upload
 from tests.integration.sweeper_data import backend_photo, evaluations
@@ -130,3 +134,47 @@ def test_storage_check_stops_at_an_unreachable_service_and_reports_it(
     finally:
         with blob.service() as client:
             client.delete_container(container)
+
+
+def test_manifest_check_reports_an_unreachable_service_and_repairs_nothing(
+    resources, settings, mongo, blob
+):
+    """The sweeper's manifest check with Azurite down: the sweeper run succeeds, the check warns
+    that storage is unreachable, no manifest is counted missing and no event is made pending
+    (its recorded digest is kept). With Azurite back the same check finds every manifest."""
+    db = mongo.db()
+    db.photos.insert_many(
+        [
+            backend_photo(f"m-{i}", f"2026-05-03T10:0{i}:00Z", -3.70 + i * 0.01, 40.41)
+            for i in range(4)
+        ]
+    )
+    recluster(db, [f"m-{i}" for i in range(4)], ClusterParams())
+    while apply_pending_links(db)[1]:
+        pass
+    assert write_pending_manifests(db, blob).manifests_pending == 0
+    recorded = {e["_id"]: e["manifestSha256"] for e in db.events.find()}
+    assert len(recorded) == 4
+    job = build_definitions(resources).resolve_job_def(SWEEPER_JOB_NAME)
+
+    with instance_for_test() as instance:
+        with stopped("azurite"):
+            began = time.monotonic()
+            result = job.execute_in_process(instance=instance)
+            took = time.monotonic() - began
+            assert result.success, "an unreachable storage must not fail the sweeper"
+            check = evaluations(result)["event_manifests_exist"]
+        assert took < 60, f"the sweep took {took:.0f} s with Blob Storage down"
+        assert not check.passed
+        assert check.severity == AssetCheckSeverity.WARN
+        assert "Blob Storage unreachable" in check.description
+        assert check.metadata["storage_unreachable"].value is True
+        assert check.metadata["not_checked"].value == len(recorded)
+        assert check.metadata["missing"].value == 0
+        assert check.metadata["repaired"].value == 0
+        assert db.events.count_documents({"manifestPending": True}) == 0
+        assert {e["_id"]: e["manifestSha256"] for e in db.events.find()} == recorded
+
+        check = evaluations(job.execute_in_process(instance=instance))["event_manifests_exist"]
+    assert check.passed, check.description
+    assert check.metadata["present"].value == len(recorded)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -21,10 +22,11 @@ from snapmap_pipeline.contract.validation import (
 )
 from snapmap_pipeline.definitions import build_definitions, production_resources
 from snapmap_pipeline.jobs import INGEST_JOB_NAME, RECLUSTER_JOB_NAME, SWEEPER_JOB_NAME
-from snapmap_pipeline.resources.blob import BlobStorageResource
+from snapmap_pipeline.resources.blob import BlobStorageResource, encode_manifest
 from snapmap_pipeline.settings import PipelineSettings
 from snapmap_pipeline.store.events import apply_pending_links
 from snapmap_pipeline.store.geocell import cell_of
+from snapmap_pipeline.store.outbox import write_pending_manifests
 from snapmap_pipeline.store.recluster import recluster
 from tests.integration.pipeline import groups, live_events, photo_events
 from tests.integration.sweeper_data import (
@@ -43,6 +45,7 @@ SWEEPER_CHECK_NAMES = {
     "event_photo_counts",
     "tombstone_targets",
     "storage_urls_exist",
+    "event_manifests_exist",
 }
 
 
@@ -69,6 +72,7 @@ def test_definitions_wire_the_sweeper_and_the_backfill():
         "photo_event_links_orphan_photos",
         "photo_event_links_storage_urls_exist",
         "events_event_photo_counts",
+        "events_event_manifests_exist",
         "events_tombstone_targets",
     }, "the sweeper runs its checks and materialises nothing"
     assert sweeper.tags["snapmap/kind"] == "sweeper"
@@ -274,6 +278,140 @@ def test_storage_check_warns_on_missing_blobs_and_reports_errors_apart(
 def _with_account_key(connection_string: str, key: str) -> str:
     parts = [p for p in connection_string.split(";") if p and not p.startswith("AccountKey=")]
     return ";".join([*parts, f"AccountKey={key}"])
+
+
+def stored_manifests(blob: BlobStorageResource) -> dict[str, tuple[dict, str | None]]:
+    """Every manifest in the test's container: its content and its ``sha256`` metadata."""
+    with blob.service() as client:
+        container = client.get_container_client(blob.manifest_container)
+        stored = {}
+        for item in container.list_blobs(include=["metadata"]):
+            body = container.download_blob(item.name).readall()
+            stored[item.name.removesuffix(".json")] = (json.loads(body), item.metadata["sha256"])
+        return stored
+
+
+def test_lost_manifests_are_found_made_pending_and_written_again(resources, mongo, blob):
+    """Manifests deleted from Blob Storage after they were written (a live event's, a
+    tombstone's) and one replaced by an older copy are found by the sweeper, made pending, and
+    the next manifest pass writes them again with the content they had."""
+    db = mongo.db()
+    cluster_directly(
+        db,
+        [
+            backend_photo("left-0", "2026-06-06T12:00:00Z", 2.3522, 48.8566),
+            backend_photo("left-1", "2026-06-06T12:01:00Z", 2.35221, 48.8566),
+            backend_photo("right", "2026-06-06T12:10:00Z", 2.3522, 48.8566),
+            backend_photo("elsewhere", "2026-06-06T12:00:00Z", 2.45, 48.95),
+        ],
+    )
+    assert write_pending_manifests(db, blob).manifests_written == 3
+    first_copies = stored_manifests(blob)
+    # A later photo bridges the two events at the same place: one becomes a tombstone.
+    cluster_directly(db, [backend_photo("bridge", "2026-06-06T12:05:30Z", 2.3522, 48.8566)])
+    assert write_pending_manifests(db, blob).manifests_pending == 0
+    events = {e["_id"]: e for e in db.events.find()}
+    (tombstone,) = [i for i, e in events.items() if e.get("mergedInto")]
+    (merged,) = {events[tombstone]["mergedInto"]}
+    (elsewhere,) = set(events) - {tombstone, merged}
+    written = stored_manifests(blob)
+    assert set(written) == set(events), "a tombstone's manifest is written too"
+    assert first_copies[merged] != written[merged], "the merged event's album changed"
+
+    with blob.service() as client:
+        container = client.get_container_client(blob.manifest_container)
+        container.delete_blob(f"{elsewhere}.json")
+        container.delete_blob(f"{tombstone}.json")
+        # The merged event's manifest as it was before the merge (an older backup restored).
+        body, digest = encode_manifest(first_copies[merged][0])
+        blob.upload_manifest(client, merged, body, digest)
+
+    with instance_for_test() as instance:
+        check = sweep(resources, instance)["event_manifests_exist"]
+        assert not check.passed
+        assert check.severity == AssetCheckSeverity.WARN
+        assert check.metadata["sampled"].value == 3
+        assert check.metadata["missing"].value == 2
+        assert check.metadata["different"].value == 1
+        assert check.metadata["repaired"].value == 3
+        assert check.metadata["errors"].value == 0
+        assert sorted(check.metadata["missing_examples"].value) == sorted([elsewhere, tombstone])
+        assert check.metadata["different_examples"].value == [merged]
+        pending = {e["_id"] for e in db.events.find({"manifestPending": True})}
+        assert pending == {elsewhere, tombstone, merged}
+
+        # The next manifest pass (any run's event_updates step, or a sweep's) rewrites them.
+        report = write_pending_manifests(db, blob)
+        assert report.manifests_written == 3
+        assert report.manifests_pending == 0
+        assert stored_manifests(blob) == written
+        assert {e["_id"]: e["manifestSha256"] for e in db.events.find()} == {
+            event_id: digest for event_id, (_, digest) in written.items()
+        }
+
+        check = sweep(resources, instance)["event_manifests_exist"]
+    assert check.passed, check.description
+    assert check.metadata["present"].value == 3
+    assert check.metadata["repaired"].value == 0
+
+
+def test_manifest_check_passes_on_an_intact_store_and_samples_the_latest_events(
+    resources, mongo, blob, settings
+):
+    db = mongo.db()
+    cluster_directly(db, three_days())
+    assert write_pending_manifests(db, blob).manifests_pending == 0
+    events = list(db.events.find().sort([("updatedAt", -1), ("_id", 1)]))
+    assert len(events) > 3
+    before = stored_manifests(blob)
+    with instance_for_test() as instance:
+        check = sweep(resources, instance)["event_manifests_exist"]
+        assert check.passed, check.description
+        assert check.metadata["sampled"].value == len(events)
+        assert check.metadata["present"].value == len(events)
+        assert check.metadata["missing"].value == 0
+        assert check.metadata["different"].value == 0
+        assert check.metadata["repaired"].value == 0
+        assert check.metadata["errors"].value == 0
+
+        # A sample of 3: the three events changed last. The oldest one's lost manifest is not
+        # in it (a known limit of the sample, see docs/operator-guide.md).
+        with blob.service() as client:
+            client.get_container_client(blob.manifest_container).delete_blob(
+                f"{events[-1]['_id']}.json"
+            )
+        small = PipelineSettings(**{**settings.model_dump(), "manifest_sample_size": 3})
+        check = sweep({**resources, "settings": small}, instance)["event_manifests_exist"]
+    assert check.passed, check.description
+    assert check.metadata["sampled"].value == 3
+    assert db.events.count_documents({"manifestPending": True}) == 0
+    assert set(stored_manifests(blob)) == set(before) - {events[-1]["_id"]}
+
+
+def test_manifest_check_reports_a_refused_request_as_an_error_and_repairs_nothing(
+    resources, mongo, blob
+):
+    """A wrong account key: Azurite answers 403 to every request. No manifest is counted
+    missing and none is made pending."""
+    db = mongo.db()
+    cluster_directly(db, three_days())
+    assert write_pending_manifests(db, blob).manifests_pending == 0
+    recorded = {e["_id"]: e["manifestSha256"] for e in db.events.find()}
+    wrong_key = BlobStorageResource(
+        connection_string=_with_account_key(blob.connection_string, "d3Jvbmcga2V5"),
+        manifest_container=blob.manifest_container,
+        retries=0,
+    )
+    with instance_for_test() as instance:
+        check = sweep({**resources, "blob": wrong_key}, instance)["event_manifests_exist"]
+    assert not check.passed
+    assert check.severity == AssetCheckSeverity.WARN
+    assert check.metadata["errors"].value == len(recorded)
+    assert check.metadata["missing"].value == 0
+    assert check.metadata["repaired"].value == 0
+    assert "could not be checked" in check.description
+    assert db.events.count_documents({"manifestPending": True}) == 0
+    assert {e["_id"]: e["manifestSha256"] for e in db.events.find()} == recorded
 
 
 def test_three_days_backfilled_in_any_order_equal_one_canonical_pass(resources, mongo):
