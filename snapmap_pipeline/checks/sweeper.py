@@ -10,7 +10,7 @@ healed through the same ``recluster`` the streaming runs use.
   failures are reported as errors, never as missing blobs (cases.md #40, #41).
 - ``event_manifests_exist``: the manifests of a sample of recently changed events, recorded as
   written, exist in Blob Storage with the recorded content (WARN); a missing or different one
-  is made pending again for the next manifest pass. Errors are never counted as missing.
+  is made pending again and written at once. Errors are never counted as missing.
 
 Checks in a run may execute side by side and beside streaming runs. Count mismatches are
 therefore confirmed under the clustering lease with the link queue drained before they are
@@ -48,6 +48,7 @@ from snapmap_pipeline.resources.mongo import MongoResource
 from snapmap_pipeline.settings import PipelineSettings
 from snapmap_pipeline.store.dead_letters import DeadLetter, send_dead_letters, with_original_bytes
 from snapmap_pipeline.store.lease import clustering_lease
+from snapmap_pipeline.store.outbox import write_pending_manifests
 from snapmap_pipeline.store.photos import orphan_ids
 from snapmap_pipeline.store.poison import (
     TRANSIENT,
@@ -676,7 +677,7 @@ def _check_manifest(blob: BlobStorageResource, client, event: dict, sample: Mani
     description=(
         "The manifests of the most recently changed events whose manifest is recorded as "
         "written exist in Blob Storage with the recorded content (sha256). A missing or "
-        "different one is made pending again, so the next manifest pass rewrites it, and "
+        "different one is made pending again and written again by the check, and "
         "fails the check with a warning; checks that could not answer (auth, outage) are "
         "reported apart and repair nothing."
     ),
@@ -687,7 +688,10 @@ def event_manifests_exist(
     blob: BlobStorageResource,
     settings: PipelineSettings,
 ) -> AssetCheckResult:
-    sample = sample_manifests(mongo.db(), blob, settings.manifest_sample_size)
+    db = mongo.db()
+    sample = sample_manifests(db, blob, settings.manifest_sample_size)
+    # Rewritten now, not left to the next run: a quiet pipeline may have none for hours.
+    rewritten = write_pending_manifests(db, blob) if sample.repaired else None
     context.log.info(
         "manifest sample: %d events, %d present, %d missing, %d different, %d made pending, "
         "%d not checked (errors), %d skipped (storage unreachable)",
@@ -711,7 +715,9 @@ def event_manifests_exist(
     if sample.different:
         problems.append(f"{len(sample.different)} manifests differ from the recorded digest")
     if sample.missing or sample.different:
-        problems.append(f"{sample.repaired} made pending for the next manifest pass")
+        problems.append(f"{sample.repaired} made pending and written again")
+    if rewritten is not None and rewritten.storage_error:
+        problems.append(f"writing them again failed: {rewritten.storage_error}")
     if sample.errors:
         context.log.warning(
             "%d manifest checks failed without an answer (auth or outage), e.g. %s",
@@ -729,6 +735,7 @@ def event_manifests_exist(
             "missing": len(sample.missing),
             "different": len(sample.different),
             "repaired": sample.repaired,
+            "rewritten": rewritten.manifests_written if rewritten else 0,
             "errors": len(sample.errors),
             "storage_unreachable": sample.unreachable is not None,
             "not_checked": sample.not_checked,
