@@ -459,19 +459,7 @@ def sample_storage(db: Database, blob: BlobStorageResource, size: int) -> Storag
         .limit(size)
     )
     sample = StorageSample()
-    if not photos:
-        return sample
-    try:
-        with blob.service() as client:
-            for photo in photos:
-                _check_one(blob, client, photo, sample)
-    except StorageUnreachable as error:
-        sample.unreachable = str(error)
-        sample.not_checked = len(photos) - sample.sampled
-    except ValueError as error:
-        # The account settings cannot work (BlobConfigError, a malformed connection string):
-        # every photo not checked yet is an error, none is missing.
-        sample.errors += [f"{p['_id']}: {error}" for p in photos[sample.sampled :]]
+    _check_each(blob, photos, sample, lambda client, photo: _check_one(blob, client, photo, sample))
     if sample.missing:
         db.photos.update_many({"_id": {"$in": sample.missing}}, {"$set": {"blobStatus": "missing"}})
     if sample.present:
@@ -480,6 +468,29 @@ def sample_storage(db: Database, blob: BlobStorageResource, size: int) -> Storag
             {"$unset": {"blobStatus": ""}},
         )
     return sample
+
+
+def _check_each(
+    blob: BlobStorageResource,
+    items: list[dict],
+    sample: "StorageSample | ManifestSample",
+    check: Callable[[object, dict], None],
+) -> None:
+    """Run ``check(client, item)`` on each of ``items``, which records its outcome in
+    ``sample``. The first connection-level failure ends the sample (every further call would
+    wait out the same outage); account settings that cannot work (``BlobConfigError``, a
+    malformed connection string) make every item not checked yet an error, none missing."""
+    if not items:
+        return
+    try:
+        with blob.service() as client:
+            for item in items:
+                check(client, item)
+    except StorageUnreachable as error:
+        sample.unreachable = str(error)
+        sample.not_checked = len(items) - sample.sampled
+    except ValueError as error:
+        sample.errors += [f"{item['_id']}: {error}" for item in items[sample.sampled :]]
 
 
 def _ask(item_id: str, check: Callable[[], BlobStatus]) -> BlobStatus:
@@ -627,18 +638,9 @@ def sample_manifests(db: Database, blob: BlobStorageResource, size: int) -> Mani
         .limit(size)
     )
     sample = ManifestSample()
-    if not events:
-        return sample
-    try:
-        with blob.service() as client:
-            for event in events:
-                _check_manifest(blob, client, event, sample)
-    except StorageUnreachable as error:
-        sample.unreachable = str(error)
-        sample.not_checked = len(events) - sample.sampled
-    except ValueError as error:
-        # The account settings cannot work: every event not checked yet is an error.
-        sample.errors += [f"{e['_id']}: {error}" for e in events[sample.sampled :]]
+    _check_each(
+        blob, events, sample, lambda client, event: _check_manifest(blob, client, event, sample)
+    )
     stale = set(sample.missing) | set(sample.different)
     repairs = [
         UpdateOne(

@@ -82,6 +82,23 @@ def test_manifests_stay_pending_until_storage_is_back(resources, settings, kafka
 SAMPLE = 50
 
 
+def swept_with_azurite_stopped(job, instance, check_name: str):
+    """Run the sweeper job with Azurite stopped; it must succeed within 60 s, and the check
+    named must fail with a warning that says Blob Storage is unreachable. Returns its result."""
+    with stopped("azurite"):
+        began = time.monotonic()
+        result = job.execute_in_process(instance=instance)
+        took = time.monotonic() - began
+        assert result.success, "an unreachable storage must not fail the sweeper"
+        check = evaluations(result)[check_name]
+    assert took < 60, f"the sweep took {took:.0f} s with Blob Storage down"
+    assert not check.passed
+    assert check.severity == AssetCheckSeverity.WARN
+    assert "Blob Storage unreachable" in check.description
+    assert check.metadata["storage_unreachable"].value is True
+    return check
+
+
 def test_storage_check_stops_at_an_unreachable_service_and_reports_it(
     resources, settings, mongo, blob
 ):
@@ -112,17 +129,7 @@ def test_storage_check_stops_at_an_unreachable_service_and_reports_it(
 
     try:
         with instance_for_test() as instance:
-            with stopped("azurite"):
-                began = time.monotonic()
-                result = job.execute_in_process(instance=instance)
-                took = time.monotonic() - began
-                assert result.success, "an unreachable storage must not fail the sweeper"
-                check = evaluations(result)["storage_urls_exist"]
-            assert took < 60, f"the sweep took {took:.0f} s with Blob Storage down"
-            assert not check.passed
-            assert check.severity == AssetCheckSeverity.WARN
-            assert "Blob Storage unreachable" in check.description
-            assert check.metadata["storage_unreachable"].value is True
+            check = swept_with_azurite_stopped(job, instance, "storage_urls_exist")
             assert check.metadata["not_checked"].value == SAMPLE
             assert check.metadata["missing"].value == 0
             assert db.photos.count_documents({"blobStatus": {"$exists": True}}) == 0
@@ -158,17 +165,7 @@ def test_manifest_check_reports_an_unreachable_service_and_repairs_nothing(
     job = build_definitions(resources).resolve_job_def(SWEEPER_JOB_NAME)
 
     with instance_for_test() as instance:
-        with stopped("azurite"):
-            began = time.monotonic()
-            result = job.execute_in_process(instance=instance)
-            took = time.monotonic() - began
-            assert result.success, "an unreachable storage must not fail the sweeper"
-            check = evaluations(result)["event_manifests_exist"]
-        assert took < 60, f"the sweep took {took:.0f} s with Blob Storage down"
-        assert not check.passed
-        assert check.severity == AssetCheckSeverity.WARN
-        assert "Blob Storage unreachable" in check.description
-        assert check.metadata["storage_unreachable"].value is True
+        check = swept_with_azurite_stopped(job, instance, "event_manifests_exist")
         assert check.metadata["not_checked"].value == len(recorded)
         assert check.metadata["missing"].value == 0
         assert check.metadata["repaired"].value == 0
